@@ -1,0 +1,28 @@
+"""lightning_qlora: QLoRA fine-tuning for PyTorch Lightning as a one-line change.
+
+>>> from lightning.pytorch import Trainer
+>>> from lightning_qlora import QLoRAPlugin
+>>> trainer = Trainer(plugins=[QLoRAPlugin()])  # doctest: +SKIP
+"""
+
+from lightning_qlora.config import ConfigError, LoRAConfig, QuantConfig
+from lightning_qlora.lora import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from lightning_qlora.precision import QLoRAPlugin
+from lightning_qlora.quantize import QuantizationReport, quantize_model
+from lightning_qlora.strategy import QLoRAStrategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "LoRAConfig",
+    "LoRALinear",
+    "QLoRAPlugin",
+    "QLoRAStrategy",
+    "QuantConfig",
+    "QuantizationReport",
+    "inject_lora",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "quantize_model",
+]

@@ -1,0 +1,216 @@
+"""LoRA adapters around frozen (4-bit or plain) linear layers.
+
+``LoRALinear`` keeps PEFT's names (``base_layer``, ``lora_A``, ``lora_B``, ``scaling``, ``r``, ``lora_alpha``) so that
+state-dict keys map one-to-one onto PEFT's adapter files. Plain torch: nothing here knows about Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from lightning_qlora.config import ALL_LINEAR, LoRAConfig
+from lightning_qlora.quantize import dequantize_weight, is_skipped, iter_linears, replace_submodule
+
+# Adapters are trained in fp32: their optimizer updates are tiny relative to their values and would round away in
+# bf16. They are cast to the activation dtype only for the matmul.
+ADAPTER_DTYPE = torch.float32
+
+
+class LoRALinear(nn.Module):
+    """``y = base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``.
+
+    ``lora_A`` is Kaiming-uniform initialised and ``lora_B`` zero, so a fresh adapter leaves the output unchanged.
+
+    Args:
+        base_layer: the frozen linear (``nn.Linear`` or a bitsandbytes 4-bit linear).
+        r: rank.
+        lora_alpha: scaling numerator.
+        dropout: dropout probability on the adapter input.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+
+    Example:
+        >>> layer = LoRALinear(nn.Linear(16, 8), r=4, lora_alpha=8)
+        >>> layer(torch.randn(2, 16)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        device = _adapter_device(base_layer)
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=ADAPTER_DTYPE)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=ADAPTER_DTYPE)
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # Same init as PEFT's default: Kaiming-uniform A, zero B, so training starts from the base model exactly.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads `.weight.dtype`/`.weight.device` of some projections; forward it to the base.
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        adapter_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(adapter_in)) * self.scaling
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` with shape ``(out_features, in_features)``, in fp32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function computed from the dequantized weight, in fp32: the reference for tests and parity."""
+        weight = dequantize_weight(self.base_layer).float()
+        bias = None if self.base_layer.bias is None else self.base_layer.bias.float()
+        x = x.float()
+        return nn.functional.linear(x, weight, bias) + nn.functional.linear(x, self.delta_weight())
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig, skip_modules: tuple[str, ...] = ()) -> list[str]:
+    """Wrap every targeted linear of ``model`` in a :class:`LoRALinear`, in place.
+
+    Args:
+        model: the (usually already quantized and frozen) model; names are matched relative to it.
+        config: rank, alpha, dropout and ``target_modules``.
+        skip_modules: names never adapted (``QuantConfig.skip_modules``), matched like a list target.
+
+    Returns:
+        The qualified names of the adapted linears, in model order.
+
+    Raises:
+        ValueError: if the targets match no linear layer, or a listed name matches none, naming the real linears.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))
+        ['0']
+    """
+    # A linear already wrapped is known by its wrapper's name, so injecting twice is a no-op, not an error.
+    names = [_strip_base_layer(name) for name, _ in iter_linears(model)]
+    if not names:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layer, so LoRA has nothing to adapt. "
+            "QLoRA applies to models built from torch.nn.Linear."
+        )
+    candidates = [n for n in names if not is_skipped(n, skip_modules)]
+    selected = select_targets(candidates, config.target_modules, all_linear_names=names)
+    adapted: list[str] = []
+    for name in selected:
+        base = model.get_submodule(name)
+        if isinstance(base, LoRALinear):
+            continue
+        replace_submodule(model, name, LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora))
+        adapted.append(name)
+    return adapted
+
+
+def select_targets(names: list[str], target_modules: str | tuple[str, ...], all_linear_names: list[str]) -> list[str]:
+    """The subset of ``names`` selected by ``target_modules`` (see :class:`LoRAConfig`).
+
+    Raises:
+        ValueError: when nothing matches, or when listed names match nothing (those are named).
+    """
+    if target_modules == ALL_LINEAR:
+        selected = list(names)
+    elif isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        selected = [n for n in names if pattern.fullmatch(n)]
+    else:
+        selected = [n for n in names if any(_name_matches(n, t) for t in target_modules)]
+        unmatched = [t for t in target_modules if not any(_name_matches(n, t) for n in names)]
+        if unmatched and selected:
+            raise ValueError(
+                f"LoRAConfig(target_modules={list(target_modules)!r}): {unmatched!r} matched no nn.Linear, while "
+                f"the rest matched {len(selected)} layer(s). Linear layers look like: {_examples(all_linear_names)}. "
+                "Fix or remove the unmatched names."
+            )
+    if not selected:
+        shown = target_modules if isinstance(target_modules, str) else list(target_modules)
+        raise ValueError(
+            f"LoRAConfig(target_modules={shown!r}) matched no nn.Linear in the model. Linear layers look like: "
+            f"{_examples(all_linear_names)}. Use 'all-linear' or names such as "
+            f"{_suffix_examples(all_linear_names)}."
+        )
+    return selected
+
+
+def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Yield ``(qualified_name, layer)`` for every :class:`LoRALinear` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> int:
+    """Freeze everything but ``lora_A``/``lora_B``; return the number of trainable parameters."""
+    trainable = 0
+    for name, param in model.named_parameters():
+        is_adapter = ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+        param.requires_grad_(is_adapter)
+        trainable += param.numel() if is_adapter else 0
+    return trainable
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights only, keyed by qualified name (``...q_proj.lora_A.weight``)."""
+    return {
+        name: param.detach()
+        for name, param in model.named_parameters()
+        if ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+    }
+
+
+def _name_matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def _strip_base_layer(name: str) -> str:
+    return name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+
+
+def _examples(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (", ..." if len(names) > limit else "")
+
+
+def _suffix_examples(names: list[str], limit: int = 3) -> str:
+    suffixes = list(dict.fromkeys(n.rpartition(".")[2] for n in names))
+    return repr(suffixes[:limit])
+
+
+def _adapter_device(base_layer: nn.Module) -> torch.device:
+    device = base_layer.weight.device
+    return torch.device("cpu") if device.type == "meta" else device

@@ -1,0 +1,190 @@
+"""``QLoRAPlugin``: the Lightning precision plugin that turns any LightningModule into a QLoRA fine-tune."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_qlora.config import LoRAConfig, QuantConfig
+from lightning_qlora.lora import inject_lora, mark_only_lora_as_trainable
+from lightning_qlora.quantize import QuantizationReport, quantize_model
+
+log = logging.getLogger(__name__)
+
+
+class _Default:
+    """Marks an argument left at its default, so ``lora=None`` can mean "no adapters"."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
+
+
+@dataclass
+class ConversionSummary:
+    """What :class:`QLoRAPlugin` did to the model, logged once at fit start."""
+
+    quantization: QuantizationReport
+    adapted: list[str]
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+
+    def as_text(self, quant: QuantConfig) -> str:
+        q = self.quantization
+        return (
+            f"QLoRA: {len(q.quantized)} linear layer(s) -> {quant.quant_type}"
+            f"{' + double quant' if quant.double_quant and quant.quantized else ''} "
+            f"(compute {quant.compute_dtype}, blocksize {quant.blocksize}), {len(q.skipped)} kept as they were; "
+            f"linear weights {_mib(q.bytes_before)} -> {_mib(q.bytes_after)} "
+            f"({q.bits_per_parameter:.3f} bits/param); LoRA on {len(self.adapted)} layer(s); "
+            f"trainable params {self.trainable_params:,} / {self.total_params:,} ({self.trainable_percent:.3f}%)"
+        )
+
+    def as_metrics(self) -> dict[str, float]:
+        q = self.quantization
+        return {
+            "qlora/layers_quantized": float(len(q.quantized)),
+            "qlora/linear_bytes_before": float(q.bytes_before),
+            "qlora/linear_bytes_after": float(q.bytes_after),
+            "qlora/bits_per_param": q.bits_per_parameter,
+            "qlora/trainable_params": float(self.trainable_params),
+            "qlora/total_params": float(self.total_params),
+            "qlora/trainable_percent": self.trainable_percent,
+        }
+
+
+class QLoRAPlugin(Precision):
+    """Store linear layers in 4-bit (NF4 + double quantization by default), compute in bf16, train LoRA adapters.
+
+    When the strategy sets the model up, every ``nn.Linear`` of the model (except ``quant.skip_modules``) is replaced
+    by a bitsandbytes 4-bit linear, the whole model is frozen, and LoRA adapters are injected into the targeted
+    linears. Only adapter parameters then require grad, so an optimizer built from ``self.parameters()`` trains the
+    adapters only. Floating-point inputs are cast to the compute dtype, outputs back to fp32.
+
+    Names in ``target_modules`` and ``skip_modules`` are relative to the LightningModule's ``model`` attribute when
+    it has one (the common ``self.model = AutoModelForCausalLM...`` layout), otherwise to the LightningModule.
+
+    Args:
+        quant: quantization settings; ``QuantConfig()`` by default. ``QuantConfig(quant_type="none")`` keeps the
+            base in ``compute_dtype`` unquantized (plain LoRA, same code path).
+        lora: adapter settings; ``LoRAConfig()`` by default. ``None`` only quantizes and freezes.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(plugins=[QLoRAPlugin(lora=LoRAConfig(r=8))], accelerator="cpu")  # doctest: +SKIP
+
+    Logged once at fit start: ``qlora/layers_quantized``, ``qlora/linear_bytes_before`` and ``..._after`` (bytes),
+    ``qlora/bits_per_param``, ``qlora/trainable_params``, ``qlora/total_params``, ``qlora/trainable_percent``.
+    """
+
+    precision = "bf16-true"
+
+    def __init__(self, quant: QuantConfig | None = None, lora: LoRAConfig | None | _Default = DEFAULT) -> None:
+        if isinstance(lora, _Default):
+            lora = LoRAConfig()
+        if quant is not None and not isinstance(quant, QuantConfig):
+            raise TypeError(f"QLoRAPlugin(quant={quant!r}) must be a QuantConfig, e.g. QuantConfig(quant_type='nf4').")
+        if lora is not None and not isinstance(lora, LoRAConfig):
+            raise TypeError(f"QLoRAPlugin(lora={lora!r}) must be a LoRAConfig or None, e.g. LoRAConfig(r=16).")
+        self.quant = quant or QuantConfig()
+        self.lora = lora
+        self.precision = {"bf16": "bf16-true", "fp16": "16-true", "fp32": "32-true"}[self.quant.compute_dtype]
+        self.dtype = self.quant.torch_compute_dtype
+        # Where the 4-bit weights are built. QLoRAStrategy sets its root device here so that conversion happens on
+        # the accelerator, layer by layer; otherwise layers are quantized where they are and moved afterwards.
+        self.quantize_device: torch.device | None = None
+        self.summary: ConversionSummary | None = None
+
+    @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        root = adapter_root(module)
+        report = quantize_model(root, self.quant, device=self.quantize_device)
+        _cast_floating(root, self.dtype)
+        adapted: list[str] = []
+        if self.lora is not None:
+            # Quantize before injecting LoRA: the adapters must stay in full precision to get gradients.
+            adapted = inject_lora(root, self.lora, skip_modules=self.quant.skip_modules)
+            mark_only_lora_as_trainable(module)
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        total = sum(_logical_numel(p) for p in module.parameters())
+        self.summary = ConversionSummary(report, adapted, trainable, total)
+        if report.quantized or adapted:
+            rank_zero_info(self.summary.as_text(self.quant))
+        return module
+
+    @override
+    def tensor_init_context(self) -> Any:
+        return _default_dtype(self.dtype)
+
+    @override
+    def module_init_context(self) -> Any:
+        return _default_dtype(self.dtype)
+
+    @override
+    def forward_context(self) -> Any:
+        return _default_dtype(self.dtype)
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        return apply_to_collection(data, function=_to_dtype, dtype=Tensor, dst_type=self.dtype)
+
+    @override
+    def convert_output(self, data: Any) -> Any:
+        return apply_to_collection(data, function=_to_dtype, dtype=Tensor, dst_type=torch.get_default_dtype())
+
+
+def adapter_root(module: nn.Module) -> nn.Module:
+    """The module whose names ``target_modules`` refer to: ``module.model`` when present, else ``module``."""
+    inner = getattr(module, "model", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+    # Frozen non-linear weights (embeddings, norms, a skipped head) are stored in the compute dtype: keeping them
+    # in fp32 would cost as much memory as the whole 4-bit base of a small model.
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype and not param.requires_grad and not param.is_meta:
+                param.data = param.data.to(dtype)
+
+
+def _logical_numel(param: Tensor) -> int:
+    # A packed 4-bit weight holds two values per byte.
+    state = getattr(param, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
+    return param.numel()
+
+
+def _to_dtype(tensor: Tensor, dst_type: torch.dtype) -> Tensor:
+    return tensor.to(dst_type) if torch.is_floating_point(tensor) else tensor
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"

@@ -1,0 +1,280 @@
+"""Replace ``nn.Linear`` layers by bitsandbytes 4-bit linears (NF4/FP4, optional double quantization).
+
+Plain torch in, plain torch out: nothing here knows about Lightning. Conversion walks the model one linear at a
+time, so at most one layer's full-precision weight exists on the target device at once; layers that live on the
+meta device are materialized (``reset_parameters``) one at a time on the target device and quantized right away.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qlora._bnb import import_bitsandbytes
+from lightning_qlora.config import QuantConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER_MODULE_NAMES = frozenset({"lora_A", "lora_B"})
+# A progress bar is worth showing only for real models, not for toy ones in tests.
+_PROGRESS_MIN_LAYERS = 64
+
+
+@dataclass
+class QuantizationReport:
+    """What :func:`quantize_model` did.
+
+    Attributes:
+        quantized: qualified names of the linears that now hold 4-bit weights (or were cast, for ``"none"``).
+        skipped: qualified names of linears left as they were because of ``skip_modules``.
+        bytes_before: bytes of those linears' weights before conversion.
+        bytes_after: bytes after conversion, counting packed weights and every quantization constant.
+        num_params: number of weights converted.
+    """
+
+    quantized: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    num_params: int = 0
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Measured storage bits per converted weight (packed weights + constants + biases)."""
+        return 8 * self.bytes_after / self.num_params if self.num_params else 0.0
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear (ours or one built by transformers/PEFT)."""
+    cls_names = {c.__name__ for c in type(module).__mro__}
+    return "Linear4bit" in cls_names
+
+
+def iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """Yield ``(qualified_name, module)`` for every ``nn.Linear`` (4-bit ones included) of the base model.
+
+    LoRA adapter matrices (``lora_A``/``lora_B``) are not part of the base and are never yielded: adapters are never
+    quantized.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] not in ADAPTER_MODULE_NAMES:
+            yield name, module
+
+
+def is_skipped(name: str, skip_modules: tuple[str, ...]) -> bool:
+    """A module is skipped when its qualified name equals or ends with one of ``skip_modules`` (dot-separated)."""
+    return any(name == s or name.endswith("." + s) for s in skip_modules)
+
+
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> QuantizationReport:
+    """Quantize every ``nn.Linear`` of ``model`` in place, one layer at a time, and freeze the whole model.
+
+    Args:
+        model: any module; its linears are replaced by :class:`bitsandbytes.nn.Linear4bit` subclasses.
+        config: the quantization settings; ``QuantConfig()`` (NF4, double quant, bf16 compute) by default.
+        device: where the 4-bit weights should live. ``None`` keeps each layer on its current device (meta layers
+            go to the CPU). On CUDA, passing the GPU here quantizes there, which is much faster than on the CPU.
+        progress: show a progress bar; ``None`` shows one for models with many linears.
+
+    Returns:
+        A :class:`QuantizationReport` with the names and byte counts (``bytes_before`` is in the original dtype).
+
+    Raises:
+        ValueError: if the model has no ``nn.Linear``.
+        BitsandbytesUnavailableError: if bitsandbytes is missing or too old (only when quantizing).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+        >>> report = quantize_model(model, QuantConfig(skip_modules=()))
+        >>> len(report.quantized)
+        2
+    """
+    config = config or QuantConfig()
+    linears = list(iter_linears(model))
+    if not linears:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layer, so there is nothing to quantize or adapt. "
+            "QLoRA applies to models built from torch.nn.Linear (transformers models, nn.Sequential of Linear, ...)."
+        )
+    report = QuantizationReport()
+    todo: list[tuple[str, nn.Linear]] = []
+    for name, module in linears:
+        if is_quantized_linear(module):
+            continue  # already converted: conversion is idempotent across fit/validate calls.
+        if is_skipped(name, config.skip_modules):
+            report.skipped.append(name)
+            continue
+        todo.append((name, module))
+
+    show = progress if progress is not None else len(todo) >= _PROGRESS_MIN_LAYERS
+    for name, module in _progress(todo, show, desc=f"Quantizing to {config.quant_type}"):
+        target = torch.device(device) if device is not None else _default_device(module)
+        before = module.weight.numel() * module.weight.element_size()
+        if config.quantized:
+            new = _quantize_linear(module, config, target)
+            after = quantized_nbytes(new)
+        else:
+            new = _cast_linear(module, config.torch_compute_dtype, target)
+            after = new.weight.numel() * new.weight.element_size()
+        replace_submodule(model, name, new)
+        report.quantized.append(name)
+        report.bytes_before += before
+        report.num_params += module.weight.numel()
+        report.bytes_after += after
+    freeze(model)
+    return report
+
+
+def freeze(model: nn.Module) -> None:
+    """Set ``requires_grad=False`` on every parameter of ``model``."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def quantized_nbytes(module: nn.Module) -> int:
+    """Bytes a 4-bit linear actually stores: packed weight, absmax, nested statistics, code books and bias."""
+    weight = module.weight
+    total = weight.numel() * weight.element_size()
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        for value in state.as_dict(packed=True).values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    if module.bias is not None:
+        total += module.bias.numel() * module.bias.element_size()
+    return total
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """The full-precision weight of a linear (dequantized for a 4-bit one), shape ``(out_features, in_features)``."""
+    if not is_quantized_linear(module):
+        return module.weight.detach()
+    bnb = import_bitsandbytes()
+    _restore_training_layout(module)
+    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+
+
+def packed_bytes(module: nn.Module) -> torch.Tensor:
+    """The packed 4-bit storage of a quantized linear, in its canonical (training) layout."""
+    _restore_training_layout(module)
+    return module.weight.data
+
+
+def _quantize_linear(linear: nn.Linear, config: QuantConfig, device: torch.device) -> nn.Module:
+    bnb = import_bitsandbytes()
+    weight = _materialized_weight(linear, device)
+    packed, quant_state = bnb.functional.quantize_4bit(
+        weight.contiguous(),
+        blocksize=config.blocksize,
+        compress_statistics=config.double_quant,
+        quant_type=config.quant_type,
+        quant_storage=torch.uint8,
+    )
+    del weight
+    layer = _linear4bit_class()(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=config.torch_compute_dtype,
+        compress_statistics=config.double_quant,
+        quant_type=config.quant_type,
+        quant_storage=torch.uint8,
+        device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=quant_state,
+        blocksize=config.blocksize,
+        compress_statistics=config.double_quant,
+        quant_type=config.quant_type,
+        quant_storage=torch.uint8,
+        module=layer,
+        bnb_quantized=True,
+    )
+    layer.quant_state = quant_state
+    if linear.bias is not None:
+        bias = linear.bias.detach().to(device) if not linear.bias.is_meta else torch.zeros(linear.out_features, device=device)
+        layer.bias = nn.Parameter(bias.to(config.torch_compute_dtype), requires_grad=False)
+    return layer
+
+
+def _cast_linear(linear: nn.Linear, dtype: torch.dtype, device: torch.device) -> nn.Linear:
+    if linear.weight.is_meta:
+        _materialized_weight(linear, device)  # initializes the layer in place
+    return linear.to(device=device, dtype=dtype)
+
+
+def _materialized_weight(linear: nn.Linear, device: torch.device) -> torch.Tensor:
+    if linear.weight.is_meta:
+        # A meta layer has no values: give it its own initialization, on the target device only.
+        linear.to_empty(device=device)
+        linear.reset_parameters()
+    return linear.weight.detach().to(device)
+
+
+def _default_device(module: nn.Module) -> torch.device:
+    device = module.weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted path ``name`` inside ``root``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _restore_training_layout(module: nn.Module) -> None:
+    # bitsandbytes repacks CPU weights in place for fast eval-mode inference; that layout has no autograd path
+    # and different bytes, so undo it before training, dequantizing or comparing bytes.
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+        module.quant_state = module.weight.quant_state
+
+
+@functools.cache
+def _linear4bit_class() -> type[nn.Module]:
+    bnb = import_bitsandbytes()
+
+    class QLoRALinear4bit(bnb.nn.Linear4bit):
+        """bitsandbytes' ``Linear4bit`` that always keeps the trainable (autograd-capable) weight layout.
+
+        bitsandbytes switches a CPU layer in eval mode to a packed layout served by ``gemv_4bit``, which has no
+        backward: a ``generate()`` before training then silently zeroes every gradient that flows through the base.
+        This subclass never takes that path, so eval, generation and training all use ``matmul_4bit``.
+        """
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            _restore_training_layout(self)
+            input_dtype = x.dtype
+            x = x.to(self.compute_dtype)
+            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+            out = bnb.matmul_4bit(x, self.weight.t(), bias=bias, quant_state=self.weight.quant_state)
+            return out.to(input_dtype)
+
+    return QLoRALinear4bit
+
+
+def _progress(items: list[Any], show: bool, desc: str) -> Any:
+    if not show:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm ships with lightning; without it, convert silently.
+        return items
+    return tqdm(items, desc=desc, unit="layer")

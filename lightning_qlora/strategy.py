@@ -1,0 +1,149 @@
+"""``QLoRAStrategy`` (``strategy="qlora"``): single-device QLoRA with on-device conversion and adapter-only checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from torch import nn
+from typing_extensions import override
+
+from lightning_qlora.precision import QLoRAPlugin
+
+log = logging.getLogger(__name__)
+
+
+class QLoRAStrategy(SingleDeviceStrategy):
+    """Single-device strategy that converts the model on the accelerator and checkpoints adapters only.
+
+    - Quantization runs on the training device, one linear at a time, so on CUDA conversion never holds more than the
+      4-bit model plus one full-precision layer there. Layers built on the meta device (e.g. in ``configure_model``)
+      are materialized one at a time on the device and quantized right away.
+    - Without a :class:`QLoRAPlugin` in ``plugins`` it uses ``QLoRAPlugin()`` (NF4, double quant, bf16, LoRA r=16).
+    - Lightning checkpoints (``.ckpt``) hold the trainable (adapter) weights, optimizer, schedulers and loops, never
+      the frozen base, which is rebuilt from the pretrained weights on resume.
+
+    Example:
+        >>> trainer = Trainer(strategy="qlora", accelerator="cpu", max_steps=10)  # doctest: +SKIP
+    """
+
+    strategy_name = "qlora"
+
+    def __init__(self, device: torch.device | str | int | None = None, **kwargs: Any) -> None:
+        super().__init__(device=device if device is not None else "cpu", **kwargs)
+        # Filled in by the Trainer from `accelerator=`/`devices=` when the strategy is chosen by name.
+        self.parallel_devices: list[torch.device] | None = None if device is None else [self._root_device]
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if self.parallel_devices:
+            return self.parallel_devices[0]
+        return self._root_device
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        if self.parallel_devices and len(self.parallel_devices) > 1:
+            raise ValueError(
+                f"strategy='qlora' trains on one device, but devices={len(self.parallel_devices)} were requested. "
+                "Use devices=1, or Lightning's 'ddp' strategy with plugins=[QLoRAPlugin()] for several devices."
+            )
+        plugin = self.precision_plugin
+        if type(plugin) is Precision:
+            # No precision flag was given: strategy="qlora" alone means QLoRA with the defaults.
+            plugin = QLoRAPlugin()
+            self.precision_plugin = plugin
+        if not isinstance(plugin, QLoRAPlugin):
+            raise ValueError(
+                f"strategy='qlora' needs the QLoRAPlugin precision plugin, but got {type(plugin).__name__} "
+                f"(precision={getattr(plugin, 'precision', '?')!r}). Remove the `precision=` flag and pass "
+                "plugins=[QLoRAPlugin(quant=QuantConfig(compute_dtype='bf16'))] to choose the compute dtype."
+            )
+        plugin.quantize_device = self.root_device
+        super().setup(trainer)
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        _materialize_meta(self.model, self.root_device)
+        self.model.to(self.root_device)
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        assert self.lightning_module is not None
+        return trainable_state_dict(self.lightning_module)
+
+    @override
+    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        assert self.lightning_module is not None
+        load_trainable_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
+
+
+def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that require grad (the adapters), detached, keyed by qualified name."""
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load adapter weights saved by :func:`trainable_state_dict` into ``module``.
+
+    Raises:
+        KeyError: with ``strict``, when the checkpoint lacks a trainable weight of the model or has unknown keys.
+        ValueError: when a weight's shape differs.
+    """
+    params = dict(module.named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    unknown = sorted(set(state) - set(params))
+    missing = sorted(expected - set(state))
+    if strict and (unknown or missing):
+        raise KeyError(
+            f"The checkpoint does not match the model's trainable weights: missing {missing[:5]} "
+            f"({len(missing)} in all), unexpected {unknown[:5]} ({len(unknown)} in all). Was it saved with the same "
+            "LoRAConfig (r, target_modules) and model? Pass strict=False to load what matches."
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in params:
+                continue
+            target = params[name]
+            if target.shape != value.shape:
+                raise ValueError(
+                    f"Checkpoint weight {name!r} has shape {tuple(value.shape)} but the model's has "
+                    f"{tuple(target.shape)}: the checkpoint was saved with another rank or model."
+                )
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def _materialize_meta(model: nn.Module, device: torch.device) -> None:
+    # Parameters the quantizer did not touch (embeddings, norms) may still be on the meta device when the model was
+    # built there; give them their own initialization on the target device.
+    for name, module in model.named_modules():
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if any(t.is_meta for t in tensors):
+            module.to_empty(device=device, recurse=False)
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+            else:
+                log.warning(
+                    "%s (%s) was built on the meta device and has no reset_parameters(): its tensors are "
+                    "uninitialized. Load real weights into it before training.",
+                    name or "<root>",
+                    type(module).__name__,
+                )
+
+
+def _register() -> None:
+    if QLoRAStrategy.strategy_name not in StrategyRegistry:
+        StrategyRegistry.register(
+            QLoRAStrategy.strategy_name,
+            QLoRAStrategy,
+            description="QLoRA on one device: 4-bit base converted on the device, adapter-only checkpoints",
+        )
+
+
+_register()
