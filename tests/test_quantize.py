@@ -136,6 +136,8 @@ def test_plain_bitsandbytes_layer_shows_the_bug_we_guard_against():
     with torch.no_grad():
         layer(torch.randn(1, 64, dtype=torch.bfloat16))
     layer.train()
+    assert layer.weight.quant_state.packing_format_for_cpu  # the stored bytes were rearranged in place
     x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
-    out = layer(x)
-    assert not out.requires_grad  # no autograd path: this is what silently zeroes LoRA gradients
+    with pytest.warns(UserWarning, match="gemv_4bit"):
+        layer(x).float().sum().backward()
+    assert x.grad is None  # no gradient reaches the input: this is what silently zeroes LoRA gradients

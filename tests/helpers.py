@@ -1,0 +1,68 @@
+"""Small LightningModules and data used by several test files."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class RegressionModule(LightningModule):
+    """A plain nn.Sequential regression model: the smallest complete LightningModule."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+        self.lr = lr
+        self.losses: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x).float(), y.float())
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def regression_loader(n: int = 256, batch_size: int = 32) -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 32, generator=generator)
+    y = (x[:, :4].sum(dim=1, keepdim=True) * 0.5).sin()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class CausalLMModule(LightningModule):
+    """Wraps a transformers causal LM (built from a config, random weights)."""
+
+    def __init__(self, config, lr: float = 3e-3) -> None:
+        super().__init__()
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        self.model = LlamaForCausalLM(config)
+        self.lr = lr
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=self.lr)
+
+
+def token_loader(vocab: int = 128, n: int = 64, length: int = 16, batch_size: int = 8) -> DataLoader:
+    # A learnable pattern: each sequence counts upward from a random start.
+    generator = torch.Generator().manual_seed(2)
+    starts = torch.randint(0, vocab, (n, 1), generator=generator)
+    ids = (starts + torch.arange(length)) % vocab
+    return DataLoader(TensorDataset(ids), batch_size=batch_size, shuffle=False)
