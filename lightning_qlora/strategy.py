@@ -45,6 +45,12 @@ class QLoRAStrategy(SingleDeviceStrategy):
             return self.parallel_devices[0]
         return self._root_device
 
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # The checkpoint holds adapter weights, which only exist once setup has quantized and injected the model.
+        return True
+
     @override
     def setup(self, trainer: Trainer) -> None:
         if self.parallel_devices and len(self.parallel_devices) > 1:

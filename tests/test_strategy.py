@@ -1,0 +1,106 @@
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_qlora import LoRAConfig, LoRALinear, QLoRAPlugin, QLoRAStrategy
+from lightning_qlora.quantize import is_quantized_linear
+
+from helpers import CausalLMModule, RegressionModule, regression_loader, token_loader
+
+
+def _trainer(**kwargs):
+    defaults = dict(
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def test_strategy_by_name_uses_default_plugin():
+    module = RegressionModule()
+    trainer = _trainer(strategy="qlora")
+    assert isinstance(trainer.strategy, QLoRAStrategy)
+    trainer.fit(module, regression_loader())
+    plugin = trainer.strategy.precision_plugin
+    assert isinstance(plugin, QLoRAPlugin) and plugin.lora.r == 16 and plugin.quant.quant_type == "nf4"
+    assert all(isinstance(m, LoRALinear) and is_quantized_linear(m.base_layer) for m in module.model[::2])
+
+
+def test_strategy_with_a_non_qlora_precision_is_refused():
+    trainer = _trainer(strategy="qlora", precision="bf16-mixed")
+    with pytest.raises(ValueError, match=r"strategy='qlora' needs the QLoRAPlugin.*got MixedPrecision.*bf16-mixed"):
+        trainer.fit(RegressionModule(), regression_loader())
+
+
+def test_strategy_refuses_several_devices():
+    trainer = _trainer(strategy="qlora", devices=2)
+    with pytest.raises(ValueError, match=r"trains on one device, but devices=2"):
+        trainer.fit(RegressionModule(), regression_loader())
+
+
+def test_checkpoint_holds_adapters_only_and_resumes(tmp_path, tiny_llama_config):
+    module = CausalLMModule(tiny_llama_config)
+    base_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
+    plugin = QLoRAPlugin(lora=LoRAConfig(r=4, dropout=0.0))
+    _trainer(strategy="qlora", plugins=[plugin], callbacks=[ckpt], enable_checkpointing=True).fit(
+        module, token_loader()
+    )
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    keys = set(saved["state_dict"])
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    assert len(keys) == 2 * 2 * 7
+    assert (tmp_path / "last.ckpt").stat().st_size < base_bytes / 2
+    assert saved["global_step"] == 6 and saved["optimizer_states"]
+
+    resumed = CausalLMModule(tiny_llama_config)
+    trainer = _trainer(strategy="qlora", plugins=[QLoRAPlugin(lora=LoRAConfig(r=4, dropout=0.0))], max_steps=8)
+    trainer.fit(resumed, token_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert trainer.global_step == 8
+    assert len(resumed.losses) == 2  # only the two steps after the resume point ran
+
+
+def test_configure_model_on_meta_device_is_materialized_layer_by_layer():
+    class MetaModule(RegressionModule):
+        def __init__(self):
+            super().__init__()
+            self.model = None
+
+        def configure_model(self):
+            if self.model is not None:
+                return
+            with torch.device("meta"):
+                self.model = nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64), nn.Linear(64, 1))
+
+    module = MetaModule()
+    trainer = _trainer(strategy="qlora", plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], max_steps=3)
+    trainer.fit(module, regression_loader())
+    assert not any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
+    assert is_quantized_linear(module.model[0].base_layer)
+    assert torch.isfinite(torch.tensor(module.losses)).all()
+
+
+@pytest.mark.gpu
+def test_strategy_quantizes_on_cuda_and_trains(tiny_llama_config):
+    module = CausalLMModule(tiny_llama_config)
+    trainer = _trainer(strategy="qlora", accelerator="cuda", devices=1, max_steps=24,
+                       plugins=[QLoRAPlugin(lora=LoRAConfig(r=8, alpha=16, dropout=0.0))])
+    trainer.fit(module, token_loader())
+    layer = module.model.model.layers[0].self_attn.q_proj
+    assert layer.base_layer.weight.device.type == "cuda" and layer.lora_A.weight.device.type == "cuda"
+    assert sum(module.losses[-4:]) / 4 < sum(module.losses[:4]) / 4 - 0.3, module.losses
+
+
+@pytest.mark.gpu
+def test_plugin_on_cuda_with_default_strategy(tiny_llama_config):
+    module = CausalLMModule(tiny_llama_config)
+    trainer = _trainer(accelerator="cuda", devices=1, max_steps=10, plugins=[QLoRAPlugin(lora=LoRAConfig(r=8))])
+    trainer.fit(module, token_loader())
+    assert module.model.model.layers[0].mlp.up_proj.base_layer.weight.device.type == "cuda"
