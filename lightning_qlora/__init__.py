@@ -5,6 +5,8 @@
 >>> trainer = Trainer(plugins=[QLoRAPlugin()])  # doctest: +SKIP
 """
 
+from lightning_qlora.adapters import load_adapter, save_adapter
+from lightning_qlora.callbacks import AdapterCheckpoint, PeakMemoryMonitor
 from lightning_qlora.config import ConfigError, LoRAConfig, QuantConfig
 from lightning_qlora.lora import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
 from lightning_qlora.precision import QLoRAPlugin
@@ -14,15 +16,19 @@ from lightning_qlora.strategy import QLoRAStrategy
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCheckpoint",
     "ConfigError",
     "LoRAConfig",
     "LoRALinear",
+    "PeakMemoryMonitor",
     "QLoRAPlugin",
     "QLoRAStrategy",
     "QuantConfig",
     "QuantizationReport",
     "inject_lora",
+    "load_adapter",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "quantize_model",
+    "save_adapter",
 ]

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from lightning_qlora.config import ALL_LINEAR, LoRAConfig
-from lightning_qlora.quantize import dequantize_weight, is_skipped, iter_linears, replace_submodule
+from lightning_qlora.quantize import (
+    dequantize_weight,
+    is_adapter_parameter,
+    is_skipped,
+    iter_linears,
+    replace_submodule,
+)
 
 # Adapters are trained in fp32: their optimizer updates are tiny relative to their values and would round away in
 # bf16. They are cast to the activation dtype only for the matmul.
@@ -178,7 +184,7 @@ def mark_only_lora_as_trainable(model: nn.Module) -> int:
     """Freeze everything but ``lora_A``/``lora_B``; return the number of trainable parameters."""
     trainable = 0
     for name, param in model.named_parameters():
-        is_adapter = ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+        is_adapter = is_adapter_parameter(name)
         param.requires_grad_(is_adapter)
         trainable += param.numel() if is_adapter else 0
     return trainable
@@ -186,11 +192,7 @@ def mark_only_lora_as_trainable(model: nn.Module) -> int:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights only, keyed by qualified name (``...q_proj.lora_A.weight``)."""
-    return {
-        name: param.detach()
-        for name, param in model.named_parameters()
-        if ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
-    }
+    return {name: param.detach() for name, param in model.named_parameters() if is_adapter_parameter(name)}
 
 
 def _name_matches(name: str, target: str) -> bool:

@@ -15,9 +15,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_qlora.adapters import adapter_root
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.lora import inject_lora, mark_only_lora_as_trainable
-from lightning_qlora.quantize import QuantizationReport, quantize_model
+from lightning_qlora.quantize import QuantizationReport, is_adapter_parameter, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,12 @@ class QLoRAPlugin(Precision):
             # Quantize before injecting LoRA: the adapters must stay in full precision to get gradients.
             adapted = inject_lora(root, self.lora, skip_modules=self.quant.skip_modules)
             mark_only_lora_as_trainable(module)
+        if not (report.quantized or adapted) and self.summary is not None:
+            return module  # already converted (e.g. validate() before fit()): keep the first summary
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = sum(_logical_numel(p) for p in module.parameters())
         self.summary = ConversionSummary(report, adapted, trainable, total)
-        if report.quantized or adapted:
-            rank_zero_info(self.summary.as_text(self.quant))
+        rank_zero_info(self.summary.as_text(self.quant))
         return module
 
     @override
@@ -149,19 +151,13 @@ class QLoRAPlugin(Precision):
         return apply_to_collection(data, function=_to_dtype, dtype=Tensor, dst_type=torch.get_default_dtype())
 
 
-def adapter_root(module: nn.Module) -> nn.Module:
-    """The module whose names ``target_modules`` refer to: ``module.model`` when present, else ``module``."""
-    inner = getattr(module, "model", None)
-    return inner if isinstance(inner, nn.Module) else module
-
-
 def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
     # Frozen non-linear weights (embeddings, norms, a skipped head) are stored in the compute dtype: keeping them
     # in fp32 would cost as much memory as the whole 4-bit base of a small model.
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != dtype and not param.requires_grad and not param.is_meta:
-                param.data = param.data.to(dtype)
+    for name, param in model.named_parameters():
+        if is_adapter_parameter(name) or param.is_meta or not param.is_floating_point() or param.dtype == dtype:
+            continue
+        param.data = param.data.to(dtype)
 
 
 def _logical_numel(param: Tensor) -> int:

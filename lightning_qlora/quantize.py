@@ -137,9 +137,15 @@ def quantize_model(
 
 
 def freeze(model: nn.Module) -> None:
-    """Set ``requires_grad=False`` on every parameter of ``model``."""
-    for param in model.parameters():
-        param.requires_grad_(False)
+    """Set ``requires_grad=False`` on every base parameter of ``model`` (LoRA adapters are left as they are)."""
+    for name, param in model.named_parameters():
+        if not is_adapter_parameter(name):
+            param.requires_grad_(False)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """True for a parameter that belongs to a LoRA adapter matrix (``...lora_A.weight``/``...lora_B.weight``)."""
+    return any(part in ADAPTER_MODULE_NAMES for part in name.split("."))
 
 
 def quantized_nbytes(module: nn.Module) -> int:

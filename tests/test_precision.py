@@ -112,8 +112,13 @@ def test_fit_twice_does_not_requantize_or_reinject():
     plugin = QLoRAPlugin(lora=LoRAConfig(r=4))
     _trainer(plugins=[plugin], max_steps=2).fit(module, regression_loader())
     adapters = [id(m) for m in module.modules() if isinstance(m, LoRALinear)]
+    _trainer(plugins=[plugin], max_steps=2).validate(module, regression_loader())
     _trainer(plugins=[plugin], max_steps=2).fit(module, regression_loader())
-    assert [id(m) for m in module.modules() if isinstance(m, LoRALinear)] == adapters
+    layers = [m for m in module.modules() if isinstance(m, LoRALinear)]
+    assert [id(m) for m in layers] == adapters
+    # A second conversion must neither freeze nor down-cast the adapters.
+    assert all(m.lora_A.weight.dtype == torch.float32 and m.lora_A.weight.requires_grad for m in layers)
+    assert plugin.summary.trainable_params == sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def test_plugin_with_mixed_precision_flag_is_refused():

@@ -1,0 +1,229 @@
+"""Save and load LoRA adapters in PEFT's format (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight``, with the module path relative to the adapter root
+(the LightningModule's ``model`` attribute, or the model itself). Our own metadata (library version, quantization
+settings, training step) goes into the safetensors header metadata, which PEFT ignores.
+
+Every save is atomic: files are written into a temporary sibling directory that is renamed into place, so an
+interrupted save never leaves a half-written adapter where a complete one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qlora.config import LoRAConfig
+from lightning_qlora.lora import LoRALinear, inject_lora, iter_lora_layers
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_METADATA_KEY = "lightning_qlora"
+
+
+class AdapterFormatError(ValueError):
+    """An adapter directory is missing a file, is truncated or corrupted, or does not fit the model."""
+
+
+def adapter_root(module: nn.Module) -> nn.Module:
+    """The module adapter names are relative to: ``module.model`` when it is a module, else ``module`` itself."""
+    inner = getattr(module, "model", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def save_adapter(
+    module: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write the LoRA adapters of ``module`` to ``directory`` in PEFT format, atomically.
+
+    Args:
+        module: a model with :class:`LoRALinear` layers, or a LightningModule holding one in ``.model``.
+        directory: created (parents too); an existing adapter there is replaced only once the new one is complete.
+        base_model_name_or_path: recorded in ``adapter_config.json`` for ``PeftModel.from_pretrained``.
+        metadata: extra JSON-serializable facts stored in the safetensors header (e.g. the training step).
+
+    Returns:
+        The adapter directory.
+
+    Raises:
+        ValueError: if the model has no LoRA adapters.
+
+    Example:
+        >>> save_adapter(model, "adapters/last")  # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    root = adapter_root(module)
+    layers = list(iter_lora_layers(root))
+    if not layers:
+        raise ValueError(
+            f"{type(root).__name__} has no LoRA adapters to save. Inject them first (QLoRAPlugin or inject_lora)."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+    config = peft_config_dict(root, layers, base_model_name_or_path)
+    header = {_METADATA_KEY: json.dumps(metadata or {}, sort_keys=True, default=str), "format": "pt"}
+
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata=header)
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _fsync_dir(staging)
+        _replace_dir(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_adapter(module: nn.Module, directory: str | os.PathLike, strict: bool = True) -> list[str]:
+    """Load a PEFT-format adapter into ``module``, injecting LoRA layers first if the model has none.
+
+    Returns:
+        The module paths whose adapters were loaded.
+
+    Raises:
+        AdapterFormatError: for a missing directory or file, an unreadable/truncated file, unknown or missing keys
+            (with ``strict``), or a shape mismatch.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    weights, config_file = path / ADAPTER_WEIGHTS, path / ADAPTER_CONFIG
+    for file in (weights, config_file):
+        if not file.is_file():
+            raise AdapterFormatError(f"{file} is missing: {path} is not a complete PEFT adapter directory.")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterFormatError(f"{config_file} is not valid JSON ({err.msg}, line {err.lineno}).") from None
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFormatError(f"{weights} cannot be read: truncated or corrupted ({err}).") from None
+
+    root = adapter_root(module)
+    if not any(True for _ in iter_lora_layers(root)):
+        inject_lora(root, lora_config_from_peft(config, config_file))
+    layers = dict(iter_lora_layers(root))
+    expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
+    if strict and (unknown or missing):
+        raise AdapterFormatError(
+            f"{weights} does not match the model: {len(missing)} adapter weight(s) missing (e.g. {missing[:3]}), "
+            f"{len(unknown)} unexpected (e.g. {unknown[:3]}). Was it trained on this model with the same "
+            "target_modules? Pass strict=False to load the weights that match."
+        )
+    loaded: list[str] = []
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for ab in "AB":
+                key = f"{PEFT_PREFIX}{name}.lora_{ab}.weight"
+                if key not in state:
+                    continue
+                target = getattr(layer, f"lora_{ab}").weight
+                if target.shape != state[key].shape:
+                    raise AdapterFormatError(
+                        f"{weights}: {key} has shape {tuple(state[key].shape)}, the model's is {tuple(target.shape)} "
+                        "(different rank or base model)."
+                    )
+                target.copy_(state[key].to(device=target.device, dtype=target.dtype))
+            loaded.append(name)
+    return loaded
+
+
+def read_adapter_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """Our metadata stored in the adapter's safetensors header (``{}`` for adapters written by PEFT)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), framework="pt") as handle:
+        header = handle.metadata() or {}
+    return json.loads(header.get(_METADATA_KEY, "{}"))
+
+
+def peft_config_dict(
+    root: nn.Module, layers: list[tuple[str, LoRALinear]], base_model_name_or_path: str | None
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` fields PEFT's ``LoraConfig`` reads."""
+    first = layers[0][1]
+    targets = sorted({name.rpartition(".")[2] for name, _ in layers})
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if hasattr(root, "generate") else None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": first.lora_alpha,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "use_rslora": first.use_rslora,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def lora_config_from_peft(config: dict[str, Any], source: Path | str = ADAPTER_CONFIG) -> LoRAConfig:
+    """A :class:`LoRAConfig` from PEFT's ``adapter_config.json`` fields."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(f"{source}: peft_type={config.get('peft_type')!r}; only LORA adapters are supported.")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise AdapterFormatError(f"{source}: per-layer rank_pattern/alpha_pattern are not supported yet.")
+    target = config.get("target_modules")
+    if isinstance(target, str) and target != "all-linear":
+        target_modules: Any = target
+    elif target == "all-linear" or target is None:
+        target_modules = "all-linear"
+    else:
+        target_modules = list(target)
+    return LoRAConfig(
+        r=int(config["r"]),
+        alpha=float(config.get("lora_alpha", config["r"])),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        target_modules=target_modules,
+        use_rslora=bool(config.get("use_rslora", False)),
+    )
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if not target.exists():
+        new.rename(target)
+        return
+    # Swap: the old adapter stays complete until the new one is fully written and in place.
+    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+    target.rename(backup)
+    new.rename(target)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    for file in directory.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())

@@ -1,0 +1,7 @@
+"""Lightning callbacks: adapter-only checkpoints, peak memory, training curves."""
+
+from lightning_qlora.callbacks.adapter_checkpoint import AdapterCheckpoint
+from lightning_qlora.callbacks.peak_memory import PeakMemoryMonitor
+from lightning_qlora.callbacks.training_curves import TrainingCurves
+
+__all__ = ["AdapterCheckpoint", "PeakMemoryMonitor", "TrainingCurves"]
