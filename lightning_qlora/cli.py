@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def main(cfg: DictConfig) -> float:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one fine-tune described by ``cfg`` and return (and write to ``results.json``) what it measured."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_known_noise()
     from hydra.utils import instantiate
     from lightning.pytorch import seed_everything
 
@@ -102,6 +103,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def _quiet_known_noise() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes suggests installing `kernels` (a hub download) for a CPU kernel it already has a fallback for.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # ThroughputMonitor asks for FLOPs per batch to report MFU; tokens/s is what this app reports.
+    warnings.filterwarnings("ignore", message=".*you need to define a `flops_per_batch`.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
 def _validate(trainer: Any, module: Any, datamodule: Any) -> float:
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)
     return round(float(metrics[0]["val/perplexity"]), 4)
@@ -158,7 +168,8 @@ def _print_report(results: dict[str, Any]) -> None:
             f"{results['trainable_params']:,} / {results['total_params']:,} ({results['trainable_percent']:.3f}%)",
         )
     for key, value in results["peak_memory_gib"].items():
-        table.add_row(key.replace("memory/run_", "peak ").replace("_gib", " (GiB)"), f"{value:.3f}")
+        label = {"memory/run_peak_rss_gib": "peak RSS (CPU process)"}.get(key, key.replace("memory/run_", ""))
+        table.add_row(label, f"{value:.3f} GiB")
     table.add_row("adapter", f"{results['adapter_dir']} ({results['adapter_mib']:.2f} MiB)")
     if results.get("training_curves"):
         table.add_row("training curves", results["training_curves"])

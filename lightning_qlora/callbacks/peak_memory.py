@@ -46,24 +46,23 @@ class PeakMemoryMonitor(Callback):
             return
         metrics = self._read(trainer)
         self.history.append((trainer.global_step, metrics))
-        for key, value in metrics.items():
-            self.summary[key.replace("memory/", "memory/run_")] = max(
-                value, self.summary.get(key.replace("memory/", "memory/run_"), 0.0)
-            )
-        if trainer.loggers:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        self._update_summary(metrics)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
         if _is_cuda(trainer):
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for key, value in self._read(trainer).items():
-            run_key = key.replace("memory/", "memory/run_")
-            self.summary[run_key] = max(value, self.summary.get(run_key, 0.0))
+        self._update_summary(self._read(trainer))
         for logger in trainer.loggers:
             logger.log_metrics(dict(self.summary), step=trainer.global_step)
         rank_zero_info("Peak memory: " + ", ".join(f"{k} = {v:.3f}" for k, v in self.summary.items()))
+
+    def _update_summary(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            run_key = key.replace("memory/", "memory/run_")
+            self.summary[run_key] = max(value, self.summary.get(run_key, 0.0))
 
     @staticmethod
     def _read(trainer: Trainer) -> dict[str, float]:
@@ -80,6 +79,16 @@ def peak_rss_bytes() -> int:
     """The process's peak resident set size in bytes (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident set size now, from /proc (Linux); ``None`` where /proc is absent."""
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * resource.getpagesize()
 
 
 def _is_cuda(trainer: Trainer) -> bool:

@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_qlora.callbacks.peak_memory import GIB, peak_rss_bytes
+from lightning_qlora.callbacks.peak_memory import GIB, current_rss_bytes, peak_rss_bytes
 
 
 class TrainingCurves(Callback):
@@ -27,7 +27,9 @@ class TrainingCurves(Callback):
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.memory_gib: list[float] = []
+        self.current_gib: list[float] = []
         self.memory_label = "peak memory (GiB)"
+        self.current_label = "current"
 
     @override
     def on_train_batch_end(
@@ -41,11 +43,16 @@ class TrainingCurves(Callback):
         if trainer.strategy.root_device.type == "cuda":
             import torch
 
-            self.memory_gib.append(torch.cuda.max_memory_allocated(trainer.strategy.root_device) / GIB)
-            self.memory_label = "peak allocated (GiB, CUDA)"
+            device = trainer.strategy.root_device
+            self.memory_gib.append(torch.cuda.max_memory_allocated(device) / GIB)
+            self.current_gib.append(torch.cuda.memory_allocated(device) / GIB)
+            self.memory_label, self.current_label = "peak allocated (CUDA)", "allocated after step"
         else:
             self.memory_gib.append(peak_rss_bytes() / GIB)
-            self.memory_label = "peak RSS (GiB, CPU process)"
+            current = current_rss_bytes()
+            if current is not None:
+                self.current_gib.append(current / GIB)
+            self.memory_label, self.current_label = "peak RSS (CPU process)", "RSS after step"
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -66,8 +73,11 @@ class TrainingCurves(Callback):
         ax_loss.set_ylabel(self.loss_key)
         ax_loss.set_title("QLoRA fine-tuning")
         ax_loss.grid(alpha=0.3)
-        ax_mem.plot(self.steps, self.memory_gib, color="tab:red", linewidth=1.2)
-        ax_mem.set_ylabel(self.memory_label)
+        ax_mem.plot(self.steps, self.memory_gib, color="tab:red", linewidth=1.4, label=self.memory_label)
+        if len(self.current_gib) == len(self.steps):
+            ax_mem.plot(self.steps, self.current_gib, color="tab:orange", linewidth=1.0, label=self.current_label)
+        ax_mem.set_ylabel("memory (GiB)")
+        ax_mem.legend(loc="lower right")
         ax_mem.set_xlabel("optimizer step")
         ax_mem.grid(alpha=0.3)
         fig.tight_layout()
