@@ -61,7 +61,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     samples = datamodule.val_examples[: cfg.eval.sample_terms]
     results: dict[str, Any] = {"run_dir": str(run_dir), "model": cfg.model.name_or_path, "data": datamodule.describe()}
 
-    results["perplexity_before"] = _validate(trainer, module, datamodule) if cfg.eval.perplexity else None
+    # Validation also sets the model up (quantize + inject) so that the "before" answers come from the 4-bit base.
+    before_ppl = _validate(trainer, module, datamodule) if cfg.eval.perplexity or samples else None
+    results["perplexity_before"] = before_ppl if cfg.eval.perplexity else None
     before = module.generate_answers(
         datamodule.tokenizer, [s.prompt for s in samples], cfg.eval.max_new_tokens, datamodule.system_prompt
     )

@@ -68,14 +68,14 @@ class AdapterCheckpoint(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._last_saved_step == trainer.global_step and self.last_path is not None:
+            return  # a periodic save at this very step already wrote (and refreshed `last`)
         if self.save_last or not self.every_n_train_steps:
             self.save(trainer, pl_module, "last" if self.save_last else f"step-{trainer.global_step:06d}")
 
     def save(self, trainer: Trainer, pl_module: LightningModule, name: str) -> Path | None:
         """Save the adapters under ``dirpath/name`` (and refresh ``dirpath/last``), on rank zero only."""
         assert self.dirpath is not None
-        if name == "last" and self._last_saved_step == trainer.global_step and self.last_path is not None:
-            return self.last_path  # a periodic save at this very step already refreshed `last`
         names = [name] + (["last"] if self.save_last and name != "last" else [])
         if trainer.is_global_zero:
             metadata = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}

