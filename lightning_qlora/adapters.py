@@ -11,6 +11,7 @@ interrupted save never leaves a half-written adapter where a complete one was.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,13 +21,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora.config import LoRAConfig
-from lightning_qlora.lora import LoRALinear, inject_lora, iter_lora_layers
+from lightning_qlora.config import LoRAConfig, QuantConfig
+from lightning_qlora.fingerprint import FingerprintMismatchError, base_fingerprint, compare_fingerprints, describe
+from lightning_qlora.lora import LoRALinear, base_linears, inject_lora, iter_lora_layers
+from lightning_qlora.quantize import is_quantized_linear, quantize_model
+
+log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _METADATA_KEY = "lightning_qlora"
+# adapter_config.json fields PEFT (0.13 - 0.21) writes for LoRA. A field outside this set is refused: it may change
+# what the adapter computes in a way this library would silently ignore.
+KNOWN_PEFT_FIELDS = frozenset(
+    """alora_invocation_tokens alpha_pattern arrow_config auto_mapping base_model_name_or_path bias corda_config
+    ensure_weight_tying eva_config exclude_modules fan_in_fan_out inference_mode init_lora_weights kasa_config
+    layer_replication layers_pattern layers_to_transform loftq_config lora_alpha lora_bias lora_dropout lora_ga_config
+    megatron_config megatron_core modules_to_save monteclora_config peft_type peft_version qalora_group_size r
+    rank_pattern revision runtime_config target_modules target_parameters task_type trainable_token_indices use_bdlora
+    use_dora use_qalora use_rslora velora_config""".split()
+)
+# Fields that, when set to anything but their default, describe an adapter this library cannot reproduce.
+_UNSUPPORTED_IF_SET = {
+    "use_dora": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
+    "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layer_replication": None,
+    "trainable_token_indices": None, "target_parameters": None, "use_qalora": False, "use_bdlora": False,
+    "alora_invocation_tokens": None, "exclude_modules": None,
+}
 
 
 class AdapterFormatError(ValueError):
@@ -34,9 +56,15 @@ class AdapterFormatError(ValueError):
 
 
 def adapter_root(module: nn.Module) -> nn.Module:
-    """The module adapter names are relative to: ``module.model`` when it is a module, else ``module`` itself."""
+    """The model adapter names are relative to.
+
+    For a LightningModule (anything with a ``training_step``) that holds its network in ``.model``, that network;
+    otherwise ``module`` itself. A transformers model is its own root even though it has a ``.model`` attribute.
+    """
     inner = getattr(module, "model", None)
-    return inner if isinstance(inner, nn.Module) else module
+    if isinstance(inner, nn.Module) and callable(getattr(module, "training_step", None)):
+        return inner
+    return module
 
 
 def save_adapter(
@@ -76,7 +104,13 @@ def save_adapter(
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
     config = peft_config_dict(root, layers, base_model_name_or_path)
-    header = {_METADATA_KEY: json.dumps(metadata or {}, sort_keys=True, default=str), "format": "pt"}
+    facts = {
+        "library": "lightning_qlora",
+        "base_fingerprint": base_fingerprint(root, base_linears(root)),
+        "quantization": quantization_settings(root),
+        **(metadata or {}),
+    }
+    header = {_METADATA_KEY: json.dumps(facts, sort_keys=True, default=str), "format": "pt"}
 
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -92,15 +126,32 @@ def save_adapter(
     return target
 
 
-def load_adapter(module: nn.Module, directory: str | os.PathLike, strict: bool = True) -> list[str]:
-    """Load a PEFT-format adapter into ``module``, injecting LoRA layers first if the model has none.
+def load_adapter(
+    module: nn.Module, directory: str | os.PathLike, strict: bool = True, quant: QuantConfig | None = None
+) -> list[str]:
+    """Load a PEFT-format adapter (ours or one PEFT saved) into ``module``.
+
+    A model without LoRA layers gets the ones the adapter's ``adapter_config.json`` names (as
+    ``PeftModel.from_pretrained`` does), after quantizing its base with ``quant`` if given.
+
+    Args:
+        module: a model, or a LightningModule holding it in ``.model``.
+        directory: the adapter directory.
+        strict: refuse an adapter whose recorded base fingerprint (architecture, linear shapes, sampled weights)
+            differs from this model's, or whose weights do not cover exactly the model's adapters. ``False`` loads it
+            anyway, with a warning, and skips missing weights.
+        quant: quantize a not-yet-quantized base with these settings before injecting adapters.
 
     Returns:
         The module paths whose adapters were loaded.
 
     Raises:
-        AdapterFormatError: for a missing directory or file, an unreadable/truncated file, unknown or missing keys
-            (with ``strict``), or a shape mismatch.
+        AdapterFormatError: for a missing directory or file, an unreadable/truncated file, an unknown or unsupported
+            config field, unknown or missing keys (with ``strict``), or a shape mismatch.
+        FingerprintMismatchError: with ``strict``, when the adapter was trained on another base model.
+
+    Example:
+        >>> load_adapter(model, "outputs/2026-11-29/10-00-00/adapter/last")  # doctest: +SKIP
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -114,14 +165,22 @@ def load_adapter(module: nn.Module, directory: str | os.PathLike, strict: bool =
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise AdapterFormatError(f"{config_file} is not valid JSON ({err.msg}, line {err.lineno}).") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{config_file} must hold a JSON object, got {type(config).__name__}.")
+    lora_config = lora_config_from_peft(config, config_file)
     try:
         state = load_file(str(weights))
+        facts = read_adapter_metadata(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFormatError(f"{weights} cannot be read: truncated or corrupted ({err}).") from None
 
     root = adapter_root(module)
     if not any(True for _ in iter_lora_layers(root)):
-        inject_lora(root, lora_config_from_peft(config, config_file))
+        if quant is not None and quant.quantized and not any(is_quantized_linear(m) for _, m in base_linears(root)):
+            quantize_model(root, quant)
+        # PEFT's "all-linear" never adapts the output head; neither do we unless the caller's QuantConfig says so.
+        inject_lora(root, lora_config, skip_modules=(quant or QuantConfig()).skip_modules)
+    _check_fingerprint(facts, root, path, strict)
     layers = dict(iter_lora_layers(root))
     expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
     unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
@@ -192,10 +251,22 @@ def peft_config_dict(
 
 def lora_config_from_peft(config: dict[str, Any], source: Path | str = ADAPTER_CONFIG) -> LoRAConfig:
     """A :class:`LoRAConfig` from PEFT's ``adapter_config.json`` fields."""
+    unknown = sorted(set(config) - KNOWN_PEFT_FIELDS)
+    if unknown:
+        raise AdapterFormatError(
+            f"{source}: unknown field(s) {unknown}. Known PEFT LoRA fields are e.g. r, lora_alpha, target_modules; "
+            "was this file edited, or written by a newer PEFT? Remove the field if it is not needed."
+        )
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterFormatError(f"{source}: peft_type={config.get('peft_type')!r}; only LORA adapters are supported.")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise AdapterFormatError(f"{source}: per-layer rank_pattern/alpha_pattern are not supported yet.")
+    unsupported = [
+        f"{key}={config[key]!r}" for key, default in _UNSUPPORTED_IF_SET.items()
+        if key in config and config[key] not in (default, None, {}, [], False) and config[key] != default
+    ]
+    if unsupported:
+        raise AdapterFormatError(f"{source}: {', '.join(unsupported)} is not supported by lightning_qlora yet.")
+    if "r" not in config:
+        raise AdapterFormatError(f"{source}: the required field 'r' (adapter rank) is missing.")
     target = config.get("target_modules")
     if isinstance(target, str) and target != "all-linear":
         target_modules: Any = target
@@ -203,13 +274,49 @@ def lora_config_from_peft(config: dict[str, Any], source: Path | str = ADAPTER_C
         target_modules = "all-linear"
     else:
         target_modules = list(target)
-    return LoRAConfig(
-        r=int(config["r"]),
-        alpha=float(config.get("lora_alpha", config["r"])),
-        dropout=float(config.get("lora_dropout", 0.0)),
-        target_modules=target_modules,
-        use_rslora=bool(config.get("use_rslora", False)),
+    try:
+        return LoRAConfig(
+            r=config["r"],
+            alpha=config.get("lora_alpha", config["r"]),
+            dropout=config.get("lora_dropout", 0.0),
+            target_modules=target_modules,
+            use_rslora=config.get("use_rslora", False),
+        )
+    except ValueError as err:
+        raise AdapterFormatError(f"{source}: {err}") from None
+
+
+def quantization_settings(root: nn.Module) -> dict[str, Any]:
+    """How the base linears of ``root`` are stored: ``{"quant_type": "nf4", "blocksize": 64, ...}`` or ``none``."""
+    for _, layer in base_linears(root):
+        if is_quantized_linear(layer):
+            weight = layer.weight
+            return {
+                "quant_type": weight.quant_type,
+                "blocksize": weight.blocksize,
+                "double_quant": bool(weight.compress_statistics),
+                "compute_dtype": str(getattr(layer, "compute_dtype", None)),
+            }
+        return {"quant_type": "none", "dtype": str(layer.weight.dtype)}
+    return {"quant_type": "none"}
+
+
+def _check_fingerprint(facts: dict[str, Any], root: nn.Module, path: Path, strict: bool) -> None:
+    saved = facts.get("base_fingerprint")
+    if not saved:
+        return  # written by PEFT or another tool: nothing recorded to compare
+    current = base_fingerprint(root, base_linears(root))
+    problems = compare_fingerprints(saved, current, str(path))
+    if not problems:
+        return
+    message = (
+        f"Adapter {path} was trained on {describe(saved)} but is being loaded into {describe(current)}: "
+        + "; ".join(problems)
+        + "."
     )
+    if strict:
+        raise FingerprintMismatchError(message + " Pass strict=False to load it anyway.")
+    log.warning("%s Loading anyway (strict=False).", message)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

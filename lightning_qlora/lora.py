@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -15,7 +16,11 @@ from torch import nn
 
 from lightning_qlora.config import ALL_LINEAR, LoRAConfig
 from lightning_qlora.quantize import (
+    progress_bar,
+    restore_training_layout,
     dequantize_weight,
+    is_quantized_linear,
+    set_quantized_weight,
     is_adapter_parameter,
     is_skipped,
     iter_linears,
@@ -89,6 +94,38 @@ class LoRALinear(nn.Module):
         adapter_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(adapter_in)) * self.scaling
         return result + update.to(result.dtype)
+
+    def merge(self) -> None:
+        """Fold ``scaling * B @ A`` into the base weight; :meth:`unmerge` restores the base bit for bit.
+
+        A 4-bit base is dequantized, updated and re-quantized with its own settings, which rounds: the merged layer
+        then differs slightly from base + adapter (measure it with :func:`merge_drift`).
+        """
+        if self.merged:
+            return
+        base = self.base_layer
+        if is_quantized_linear(base):
+            restore_training_layout(base)
+            self._unmerged_weight = (base.weight, base.quant_state)
+            merged = dequantize_weight(base).float() + self.delta_weight().to(base.weight.device)
+            weight = base.weight
+            set_quantized_weight(base, merged, weight.quant_type, weight.blocksize, weight.compress_statistics)
+        else:
+            self._unmerged_weight = base.weight.data.clone()
+            base.weight.data += self.delta_weight().to(base.weight.device, base.weight.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Restore the exact base weight saved by :meth:`merge`."""
+        if not self.merged:
+            return
+        base = self.base_layer
+        if is_quantized_linear(base):
+            base.weight, base.quant_state = self._unmerged_weight
+        else:
+            base.weight.data.copy_(self._unmerged_weight)
+        del self._unmerged_weight
+        self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` with shape ``(out_features, in_features)``, in fp32."""
@@ -171,6 +208,36 @@ def select_targets(names: list[str], target_modules: str | tuple[str, ...], all_
             f"{_suffix_examples(all_linear_names)}."
         )
     return selected
+
+
+def merge_lora(model: nn.Module, progress: bool = False) -> list[str]:
+    """Merge every adapter of ``model`` into its base weight (see :meth:`LoRALinear.merge`); returns their names.
+
+    Merging into a 4-bit base re-quantizes it, which adds rounding error: a warning says so.
+    """
+    layers = list(iter_lora_layers(model))
+    if any(is_quantized_linear(layer.base_layer) for _, layer in layers):
+        warnings.warn(
+            "Merging LoRA into a 4-bit base re-quantizes every adapted weight: the merged model differs from base + "
+            "adapter by 4-bit rounding. Export a bf16 merge (lightning-qlora-export) for an exact copy.",
+            stacklevel=2,
+        )
+    for _, layer in progress_bar(layers, progress, "Merging adapters"):
+        layer.merge()
+    return [name for name, _ in layers]
+
+
+def unmerge_lora(model: nn.Module) -> list[str]:
+    """Undo :func:`merge_lora` exactly; returns the names of the restored layers."""
+    layers = [(name, layer) for name, layer in iter_lora_layers(model) if layer.merged]
+    for _, layer in layers:
+        layer.unmerge()
+    return [name for name, _ in layers]
+
+
+def base_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The base model's linears as ``(name, module)``, named as before any adapter was injected."""
+    return [(_strip_base_layer(name), module) for name, module in iter_linears(model)]
 
 
 def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

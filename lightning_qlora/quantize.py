@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_qlora._bnb import import_bitsandbytes
 from lightning_qlora.config import QuantConfig
+from lightning_qlora.fingerprint import WEIGHTS_HASH_ATTR, digest_samples, weight_sample
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class QuantizationReport:
         bytes_before: bytes of those linears' weights before conversion.
         bytes_after: bytes after conversion, counting packed weights and every quantization constant.
         num_params: number of weights converted.
+        weights_sha256: hash of sampled base weights before quantization (see :mod:`lightning_qlora.fingerprint`).
     """
 
     quantized: list[str] = field(default_factory=list)
@@ -43,6 +45,7 @@ class QuantizationReport:
     bytes_before: int = 0
     bytes_after: int = 0
     num_params: int = 0
+    weights_sha256: str | None = None
 
     @property
     def bits_per_parameter(self) -> float:
@@ -108,21 +111,22 @@ def quantize_model(
             "QLoRA applies to models built from torch.nn.Linear (transformers models, nn.Sequential of Linear, ...)."
         )
     report = QuantizationReport()
-    todo: list[tuple[str, nn.Linear]] = []
-    for name, module in linears:
-        if is_quantized_linear(module):
-            continue  # already converted: conversion is idempotent across fit/validate calls.
-        if is_skipped(name, config.skip_modules):
-            report.skipped.append(name)
-            continue
-        todo.append((name, module))
+    if any(is_quantized_linear(module) for _, module in linears):
+        freeze(model)
+        return report  # already converted: conversion is idempotent across fit/validate calls.
+    todo = [(name, m) for name, m in linears if not is_skipped(name, config.skip_modules)]
+    report.skipped = [name for name, m in linears if is_skipped(name, config.skip_modules)]
+    # The fingerprint of the base before quantization, sampled layer by layer as the full weights pass by.
+    samples = {name: weight_sample(name, m.weight) for name, m in linears if name in report.skipped and not m.weight.is_meta}
 
     show = progress if progress is not None else len(todo) >= _PROGRESS_MIN_LAYERS
-    for name, module in _progress(todo, show, desc=f"Quantizing to {config.quant_type}"):
+    for name, module in progress_bar(todo, show, desc=f"Quantizing to {config.quant_type}"):
         target = torch.device(device) if device is not None else _default_device(module)
         before = module.weight.numel() * module.weight.element_size()
+        weight = _materialized_weight(module, target)
+        samples[name] = weight_sample(name, weight)
         if config.quantized:
-            new = _quantize_linear(module, config, target)
+            new = _quantize_linear(module, weight, config, target)
             after = quantized_nbytes(new)
         else:
             new = _cast_linear(module, config.torch_compute_dtype, target)
@@ -132,6 +136,8 @@ def quantize_model(
         report.bytes_before += before
         report.num_params += module.weight.numel()
         report.bytes_after += after
+    report.weights_sha256 = digest_samples(samples[name] for name, _ in linears if name in samples)
+    setattr(model, WEIGHTS_HASH_ATTR, report.weights_sha256)
     freeze(model)
     return report
 
@@ -167,27 +173,17 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     if not is_quantized_linear(module):
         return module.weight.detach()
     bnb = import_bitsandbytes()
-    _restore_training_layout(module)
+    restore_training_layout(module)
     return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
 
 
 def packed_bytes(module: nn.Module) -> torch.Tensor:
     """The packed 4-bit storage of a quantized linear, in its canonical (training) layout."""
-    _restore_training_layout(module)
+    restore_training_layout(module)
     return module.weight.data
 
 
-def _quantize_linear(linear: nn.Linear, config: QuantConfig, device: torch.device) -> nn.Module:
-    bnb = import_bitsandbytes()
-    weight = _materialized_weight(linear, device)
-    packed, quant_state = bnb.functional.quantize_4bit(
-        weight.contiguous(),
-        blocksize=config.blocksize,
-        compress_statistics=config.double_quant,
-        quant_type=config.quant_type,
-        quant_storage=torch.uint8,
-    )
-    del weight
+def _quantize_linear(linear: nn.Linear, weight: torch.Tensor, config: QuantConfig, device: torch.device) -> nn.Module:
     layer = _linear4bit_class()(
         linear.in_features,
         linear.out_features,
@@ -198,22 +194,37 @@ def _quantize_linear(linear: nn.Linear, config: QuantConfig, device: torch.devic
         quant_storage=torch.uint8,
         device="meta",
     )
+    set_quantized_weight(layer, weight, config.quant_type, config.blocksize, config.double_quant)
+    if linear.bias is not None:
+        bias = linear.bias.detach().to(device) if not linear.bias.is_meta else torch.zeros(linear.out_features, device=device)
+        layer.bias = nn.Parameter(bias.to(config.torch_compute_dtype), requires_grad=False)
+    return layer
+
+
+def set_quantized_weight(
+    layer: nn.Module, weight: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
+) -> None:
+    """Quantize ``weight`` (``out_features x in_features``, any float dtype) into ``layer``'s 4-bit storage."""
+    bnb = import_bitsandbytes()
+    packed, quant_state = bnb.functional.quantize_4bit(
+        weight.contiguous(),
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=torch.uint8,
+    )
     layer.weight = bnb.nn.Params4bit(
         packed,
         requires_grad=False,
         quant_state=quant_state,
-        blocksize=config.blocksize,
-        compress_statistics=config.double_quant,
-        quant_type=config.quant_type,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
         quant_storage=torch.uint8,
         module=layer,
         bnb_quantized=True,
     )
     layer.quant_state = quant_state
-    if linear.bias is not None:
-        bias = linear.bias.detach().to(device) if not linear.bias.is_meta else torch.zeros(linear.out_features, device=device)
-        layer.bias = nn.Parameter(bias.to(config.torch_compute_dtype), requires_grad=False)
-    return layer
 
 
 def _cast_linear(linear: nn.Linear, dtype: torch.dtype, device: torch.device) -> nn.Linear:
@@ -242,7 +253,8 @@ def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _restore_training_layout(module: nn.Module) -> None:
+def restore_training_layout(module: nn.Module) -> None:
+    """Undo bitsandbytes' in-place CPU inference repacking of a 4-bit layer, if it happened."""
     # bitsandbytes repacks CPU weights in place for fast eval-mode inference; that layout has no autograd path
     # and different bytes, so undo it before training, dequantizing or comparing bytes.
     state = getattr(module.weight, "quant_state", None)
@@ -266,7 +278,7 @@ def _linear4bit_class() -> type[nn.Module]:
         """
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            _restore_training_layout(self)
+            restore_training_layout(self)
             input_dtype = x.dtype
             x = x.to(self.compute_dtype)
             bias = None if self.bias is None else self.bias.to(self.compute_dtype)
@@ -276,7 +288,8 @@ def _linear4bit_class() -> type[nn.Module]:
     return QLoRALinear4bit
 
 
-def _progress(items: list[Any], show: bool, desc: str) -> Any:
+def progress_bar(items: list[Any], show: bool, desc: str) -> Any:
+    """``items`` wrapped in a tqdm progress bar when ``show`` (and tqdm is available)."""
     if not show:
         return items
     try:
