@@ -27,7 +27,9 @@ class FingerprintMismatchError(ValueError):
 def weight_sample(name: str, weight: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
     """``(name, shape, bytes of 64 evenly spaced values rounded to bf16)``: what the weight hash is made of."""
     flat = weight.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_LAYER, flat.numel()), device=flat.device).long()
+    count = min(_SAMPLES_PER_LAYER, flat.numel())
+    # Integer spacing: a float linspace rounds past the last index for tensors of ~2**24 values and more.
+    index = torch.arange(count, device=flat.device, dtype=torch.long) * (flat.numel() - 1) // max(1, count - 1)
     sample = flat[index].to(torch.bfloat16).float().cpu()
     return name, tuple(weight.shape), sample.numpy().tobytes()
 
