@@ -131,6 +131,17 @@ class QLoRAPlugin(Precision):
         return module
 
     @override
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in every Lightning checkpoint: the random state (LoRA dropout, sampling) at the moment of saving, so a
+        # resumed run draws the same numbers an uninterrupted one would.
+        return {"rng": capture_rng_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "rng" in state_dict:
+            restore_rng_state(state_dict["rng"])
+
+    @override
     def tensor_init_context(self) -> Any:
         return _default_dtype(self.dtype)
 
@@ -149,6 +160,36 @@ class QLoRAPlugin(Precision):
     @override
     def convert_output(self, data: Any) -> Any:
         return apply_to_collection(data, function=_to_dtype, dtype=Tensor, dst_type=torch.get_default_dtype())
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), Python and NumPy random states."""
+    import random
+
+    import numpy as np
+
+    # Only tensors and plain Python values: Lightning loads checkpoints with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:

@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_qlora.data.examples import Example, split_held_out
 from lightning_qlora.data.jargon import load_jargon
 from lightning_qlora.data.jsonl import DataFormatError, load_jsonl
+from lightning_qlora.data.sampler import ResumableDataLoader, ResumableRandomSampler
 from lightning_qlora.data.tokenize import DEFAULT_SYSTEM_PROMPT, TokenizedSplit, collate, tokenize_examples
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class InstructionDataModule(LightningDataModule):
         self.val_examples: list[Example] = []
         self.train_split: TokenizedSplit | None = None
         self.val_split: TokenizedSplit | None = None
+        self.sampler: ResumableRandomSampler | None = None
 
     def load_examples(self) -> list[Example]:
         if self.source == "jsonl":
@@ -122,14 +124,23 @@ class InstructionDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_split is not None
-        return DataLoader(
+        self.sampler = ResumableRandomSampler(len(self.train_split.rows), self.batch_size, seed=self.seed)
+        return ResumableDataLoader(
             self.train_split.rows,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            sampler=self.sampler,
+            progress=self._training_progress,
             collate_fn=partial(collate, pad_token_id=self.pad_token_id),
             num_workers=self.num_workers,
+            # Without its own generator a DataLoader draws a seed from the global RNG each time an iterator starts,
+            # which shifts every later dropout mask of a resumed run.
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _training_progress(self) -> tuple[int, int]:
+        # Where training stands inside the epoch: a resumed run skips exactly the batches already trained on.
+        trainer = self.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_split is not None
@@ -139,5 +150,6 @@ class InstructionDataModule(LightningDataModule):
             shuffle=False,
             collate_fn=partial(collate, pad_token_id=self.pad_token_id),
             num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 

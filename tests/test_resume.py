@@ -1,0 +1,71 @@
+"""Exact resume: a run SIGKILLed mid-epoch and resumed with ckpt_path="last" continues as if never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("resume_worker.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory, smollm2_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("resume")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rows = [{"instruction": f"What is item {i}?", "response": f"Item {i} is number {i * 7 % 13}."} for i in range(68)]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def _run(setup, out, *extra):
+    cmd = [sys.executable, str(WORKER), "--out", str(out), "--model", str(setup / "model"),
+           "--data", str(setup / "data.jsonl"), "--max-steps", "24", *extra]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _losses(path):
+    losses = {}
+    for line in path.read_text().splitlines():
+        step, loss = line.split()
+        losses[int(step)] = float(loss)  # a re-run step overwrites the killed attempt
+    return losses
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_setup, tmp_path):
+    reference = _run(tiny_setup, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    killed = _run(tiny_setup, tmp_path / "killed", "--kill-at", "10")
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "done.json").exists()
+    resumed = _run(tiny_setup, tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    # 64 train rows / batch 4 = 16 steps an epoch: step 10 is mid-epoch, and the run continues into epoch 2.
+    done = json.loads((tmp_path / "killed" / "done.json").read_text())
+    assert done["global_step"] == json.loads((tmp_path / "reference" / "done.json").read_text())["global_step"] == 24
+    expected, got = _losses(tmp_path / "reference" / "losses.txt"), _losses(tmp_path / "killed" / "losses.txt")
+    assert sorted(got) == sorted(expected) == list(range(1, 25))
+    for step in range(10, 25):
+        assert abs(got[step] - expected[step]) <= 1e-4, (step, got[step], expected[step])
+    assert "not resumable" not in resumed.stderr
+
+    # The resume checkpoint holds adapters + optimizer + loops, not the frozen base.
+    ckpt = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    base = sum(f.stat().st_size for f in (tiny_setup / "model").glob("*.safetensors"))
+    state = torch.load(ckpt, weights_only=True)
+    assert all(".lora_" in key for key in state["state_dict"])
+    assert ckpt.stat().st_size < 0.5 * base
