@@ -114,6 +114,7 @@ def save_adapter(
 
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata=header)
@@ -157,6 +158,7 @@ def load_adapter(
     from safetensors.torch import load_file
 
     path = Path(directory)
+    recover_interrupted_save(path)
     weights, config_file = path / ADAPTER_WEIGHTS, path / ADAPTER_CONFIG
     for file in (weights, config_file):
         if not file.is_file():
@@ -317,6 +319,22 @@ def _check_fingerprint(facts: dict[str, Any], root: nn.Module, path: Path, stric
     if strict:
         raise FingerprintMismatchError(message + " Pass strict=False to load it anyway.")
     log.warning("%s Loading anyway (strict=False).", message)
+
+
+def recover_interrupted_save(target: Path) -> None:
+    """Clean up after a save that was killed: put back a complete previous adapter, drop half-written ones.
+
+    A save writes into ``.<name>.tmp-*`` and swaps it in through ``.<name>.old-*``; a kill between the two renames
+    leaves only the backup, which is complete, so it is renamed back.
+    """
+    if not target.parent.is_dir():
+        return
+    backups = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not target.exists() and backups:
+        backups.pop().rename(target)
+        log.warning("Recovered %s from the backup of an interrupted save.", target)
+    for leftover in backups + list(target.parent.glob(f".{target.name}.tmp-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
