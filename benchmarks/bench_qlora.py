@@ -1,0 +1,109 @@
+"""lightning_qlora's side of the H200 benchmark: the same Llama shapes, tokens and optimizer as the anchors.
+
+    python benchmarks/bench_qlora.py --shape 7b --seq 2048 --rank 16 --ckpt 1 [--quant nf4|none] [--steps 8]
+
+Builds the model on the meta device, quantizes it layer by layer on the GPU with lightning_qlora.quantize_model (a
+7B or 65B model never exists in bf16), injects LoRA on all linear layers (r, alpha=2r, dropout 0.05, as the PEFT
+anchor), trains with fused AdamW on the adapters, and prints one JSON line in the anchors' format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+    "65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=64),
+}
+
+
+def build(shape: str, quant_type: str, rank: int, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_qlora import LoRAConfig, QuantConfig, inject_lora, mark_only_lora_as_trainable, quantize_model
+
+    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    quant = QuantConfig(quant_type=quant_type, compute_dtype="bf16")
+    quantize_model(model, quant, device=device)  # layer by layer: each linear materialized and quantized on the GPU
+    for name, module in model.named_modules():
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if any(t.is_meta for t in tensors):
+            module.to_empty(device=device, recurse=False)
+            for p in module.parameters(recurse=False):
+                torch.nn.init.ones_(p) if "norm" in type(module).__name__.lower() else torch.nn.init.normal_(p, 0, 0.02)
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16)
+    rotary = type(model.model.rotary_emb)
+    try:  # rotary inverse frequencies are computed at construction: rebuild them off the meta device
+        model.model.rotary_emb = rotary(config=cfg, device=device)
+    except TypeError:  # newer transformers take no device argument
+        model.model.rotary_emb = rotary(config=cfg).to(device)
+    inject_lora(model, LoRAConfig(r=rank, alpha=2 * rank, dropout=0.05), skip_modules=quant.skip_modules)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    ap.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--bs", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--ckpt", type=int, default=1)
+    ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    device = a.device
+    cuda = device.startswith("cuda")
+    t0 = time.time()
+    model = build(a.shape, a.quant, a.rank, device)
+    if a.ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    setup_s = time.time() - t0
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    model.train()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    static = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        ids = torch.randint(0, 32000, (a.bs, a.seq), device=device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(2):
+        step()
+    sync()
+    t = time.time()
+    for _ in range(a.steps):
+        loss = step()
+    sync()
+    dt = (time.time() - t) / a.steps
+    print(json.dumps(dict(
+        system="lightning_qlora" if a.quant != "none" else "lightning_qlora-bf16-lora", quant=a.quant, shape=a.shape,
+        seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, trainable=trainable, setup_s=round(setup_s, 1),
+        static_gib=round(static / 2**30, 2), peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None, step_s=round(dt, 4),
+        tok_s=round(a.bs * a.seq / dt), loss=float(loss))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
