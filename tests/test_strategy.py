@@ -1,6 +1,6 @@
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -87,20 +87,31 @@ def test_configure_model_on_meta_device_is_materialized_layer_by_layer():
     assert torch.isfinite(torch.tensor(module.losses)).all()
 
 
+class _RecordDevices(Callback):
+    """Where the 4-bit base and the adapters live while training (Lightning moves the model back to the CPU after)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        layer = pl_module.model.model.layers[0].mlp.up_proj
+        self.devices = {layer.base_layer.weight.device.type, layer.lora_A.weight.device.type, batch[0].device.type}
+
+
 @pytest.mark.gpu
 def test_strategy_quantizes_on_cuda_and_trains(tiny_llama_config):
     module = CausalLMModule(tiny_llama_config)
-    trainer = _trainer(strategy="qlora", accelerator="cuda", devices=1, max_steps=24,
-                       plugins=[QLoRAPlugin(lora=LoRAConfig(r=8, alpha=16, dropout=0.0))])
+    record = _RecordDevices()
+    plugin = QLoRAPlugin(lora=LoRAConfig(r=8, alpha=16, dropout=0.0))
+    trainer = _trainer(strategy="qlora", accelerator="cuda", devices=1, max_steps=24, plugins=[plugin], callbacks=[record])
     trainer.fit(module, token_loader())
-    layer = module.model.model.layers[0].self_attn.q_proj
-    assert layer.base_layer.weight.device.type == "cuda" and layer.lora_A.weight.device.type == "cuda"
+    assert plugin.quantize_device.type == "cuda"  # quantized on the GPU, layer by layer
+    assert record.devices == {"cuda"}
     assert sum(module.losses[-4:]) / 4 < sum(module.losses[:4]) / 4 - 0.3, module.losses
 
 
 @pytest.mark.gpu
 def test_plugin_on_cuda_with_default_strategy(tiny_llama_config):
     module = CausalLMModule(tiny_llama_config)
-    trainer = _trainer(accelerator="cuda", devices=1, max_steps=10, plugins=[QLoRAPlugin(lora=LoRAConfig(r=8))])
+    record = _RecordDevices()
+    trainer = _trainer(accelerator="cuda", devices=1, max_steps=10, plugins=[QLoRAPlugin(lora=LoRAConfig(r=8))],
+                       callbacks=[record])
     trainer.fit(module, token_loader())
-    assert module.model.model.layers[0].mlp.up_proj.base_layer.weight.device.type == "cuda"
+    assert record.devices == {"cuda"}
