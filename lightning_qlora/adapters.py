@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_qlora._atomic import atomic_directory, recover_interrupted_write
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.fingerprint import FingerprintMismatchError, base_fingerprint, compare_fingerprints, describe
 from lightning_qlora.lora import LoRALinear, base_linears, inject_lora, iter_lora_layers
@@ -113,17 +112,9 @@ def save_adapter(
     header = {_METADATA_KEY: json.dumps(facts, sort_keys=True, default=str), "format": "pt"}
 
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_save(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata=header)
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _fsync_dir(staging)
-        _replace_dir(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -158,7 +149,7 @@ def load_adapter(
     from safetensors.torch import load_file
 
     path = Path(directory)
-    recover_interrupted_save(path)
+    recover_interrupted_write(path)
     weights, config_file = path / ADAPTER_WEIGHTS, path / ADAPTER_CONFIG
     for file in (weights, config_file):
         if not file.is_file():
@@ -319,36 +310,3 @@ def _check_fingerprint(facts: dict[str, Any], root: nn.Module, path: Path, stric
     if strict:
         raise FingerprintMismatchError(message + " Pass strict=False to load it anyway.")
     log.warning("%s Loading anyway (strict=False).", message)
-
-
-def recover_interrupted_save(target: Path) -> None:
-    """Clean up after a save that was killed: put back a complete previous adapter, drop half-written ones.
-
-    A save writes into ``.<name>.tmp-*`` and swaps it in through ``.<name>.old-*``; a kill between the two renames
-    leaves only the backup, which is complete, so it is renamed back.
-    """
-    if not target.parent.is_dir():
-        return
-    backups = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not target.exists() and backups:
-        backups.pop().rename(target)
-        log.warning("Recovered %s from the backup of an interrupted save.", target)
-    for leftover in backups + list(target.parent.glob(f".{target.name}.tmp-*")):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if not target.exists():
-        new.rename(target)
-        return
-    # Swap: the old adapter stays complete until the new one is fully written and in place.
-    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-    target.rename(backup)
-    new.rename(target)
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    for file in directory.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_qlora._atomic import atomic_directory
 from lightning_qlora.adapters import ADAPTER_CONFIG, adapter_root, load_adapter, read_adapter_metadata
 from lightning_qlora.config import COMPUTE_DTYPES, QuantConfig
 from lightning_qlora.lora import LoRALinear, base_linears
@@ -103,18 +102,10 @@ def export_merged(
     fresh.tie_weights()
 
     target = Path(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         fresh.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     del fresh
     size = sum(f.stat().st_size for f in target.iterdir() if f.is_file()) / 2**20
     report = ExportReport(str(target), str(dtype).replace("torch.", ""), merged_layers, round(size, 2))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -70,3 +70,18 @@ def token_loader(vocab: int = 128, n: int = 64, length: int = 16, batch_size: in
     starts = torch.randint(0, vocab, (n, 1), generator=generator)
     ids = (starts + torch.arange(length)) % vocab
     return DataLoader(TensorDataset(ids), batch_size=batch_size, shuffle=False)
+
+
+def fast_trainer(**overrides) -> Trainer:
+    """A CPU Trainer without logging, checkpoints, progress bars or summaries; keyword arguments override."""
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=20,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    settings.update(overrides)
+    return Trainer(**settings)

@@ -10,21 +10,11 @@ from torch import nn
 from lightning_qlora import LoRAConfig, LoRALinear, QLoRAPlugin, QuantConfig
 from lightning_qlora.quantize import is_quantized_linear, packed_bytes
 
-from helpers import CausalLMModule, RegressionModule, regression_loader, token_loader
+from helpers import fast_trainer, CausalLMModule, RegressionModule, regression_loader, token_loader
 
 
 def _trainer(**kwargs):
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=20,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    defaults.update(kwargs)
-    return Trainer(**defaults)
+    return fast_trainer(**({"max_steps": 20} | kwargs))
 
 
 def _packed(module):

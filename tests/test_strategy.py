@@ -7,20 +7,11 @@ from torch import nn
 from lightning_qlora import LoRAConfig, LoRALinear, QLoRAPlugin, QLoRAStrategy
 from lightning_qlora.quantize import is_quantized_linear
 
-from helpers import CausalLMModule, RegressionModule, regression_loader, token_loader
+from helpers import fast_trainer, CausalLMModule, RegressionModule, regression_loader, token_loader
 
 
 def _trainer(**kwargs):
-    defaults = dict(
-        accelerator="cpu",
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    defaults.update(kwargs)
-    return Trainer(**defaults)
+    return fast_trainer(**({"max_steps": 6} | kwargs))
 
 
 def test_strategy_by_name_uses_default_plugin():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lightning_qlora.data.examples import Example
 
+from lightning_qlora._atomic import atomic_directory
 from lightning_qlora._paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -131,18 +132,10 @@ def _fetch_debian_package(target: Path) -> Path:
         debs = sorted(Path(tmp).glob(f"{DEBIAN_PACKAGE}_*.deb"))
         if result.returncode != 0 or not debs:
             raise JargonUnavailableError(_missing_message(f"apt-get download failed: {result.stderr.strip()[-300:]}"))
-        staging = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None))
-        try:
+        with atomic_directory(target) as staging:  # a half-extracted package is never seen as the cache
             extracted = _run([dpkg_deb, "-x", str(debs[0]), str(staging)], cwd=tmp)
             if extracted.returncode != 0 or not (staging / _PACKAGE_FILE).is_file():
                 raise JargonUnavailableError(_missing_message(f"dpkg-deb -x failed: {extracted.stderr.strip()}"))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)  # atomic: a half-extracted package is never seen as the cache
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
     return target / _PACKAGE_FILE
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lightning_qlora._atomic import atomic_directory
 from lightning_qlora._paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -73,26 +72,18 @@ def convert_gguf(gguf: Path, target: Path, display_name: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     console = Console(stderr=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
-        with console.status(f"Converting {gguf.name} to safetensors once (about 30 s on 2 CPU cores) -> {target}"):
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            # The weights are now plain tensors: drop the GGUF quantizer so transformers will serialize them.
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.hf_quantizer = None
-            model.config._name_or_path = display_name
-            fix_chat_eos(tokenizer, model)
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    status = console.status(f"Converting {gguf.name} to safetensors once (about 30 s on 2 CPU cores) -> {target}")
+    with status, atomic_directory(target) as staging:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are now plain tensors: drop the GGUF quantizer so transformers will serialize them.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config._name_or_path = display_name
+        fix_chat_eos(tokenizer, model)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     log.info("Converted %s into %s", gguf.name, target)
 
 
