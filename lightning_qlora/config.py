@@ -62,16 +62,23 @@ class QuantConfig:
     skip_modules: Sequence[str] = ("lm_head",)
 
     def __post_init__(self) -> None:
-        self.skip_modules = _as_str_tuple(self.skip_modules)
         problems: list[str] = []
-        if self.quant_type not in QUANT_TYPES:
+        skip = _as_str_tuple(self.skip_modules)
+        if skip is None:
+            problems.append(
+                f"skip_modules={self.skip_modules!r} must be a list of module names such as ['lm_head'] "
+                "(use [] to skip nothing)."
+            )
+        else:
+            self.skip_modules = skip
+        if not _is_one_of(self.quant_type, QUANT_TYPES):
             problems.append(
                 f"quant_type={self.quant_type!r} is not supported. Use one of {list(QUANT_TYPES)} "
                 "('none' keeps the base unquantized)."
             )
         if not isinstance(self.double_quant, bool):
             problems.append(f"double_quant={self.double_quant!r} must be a bool (True or False).")
-        if self.compute_dtype not in COMPUTE_DTYPES:
+        if not _is_one_of(self.compute_dtype, COMPUTE_DTYPES):
             problems.append(f"compute_dtype={self.compute_dtype!r} is not supported. Use one of {list(COMPUTE_DTYPES)}.")
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int):
             problems.append(f"blocksize={self.blocksize!r} must be an int, one of {list(SUPPORTED_BLOCKSIZES)}.")
@@ -80,8 +87,6 @@ class QuantConfig:
                 f"blocksize={self.blocksize} is not supported by bitsandbytes' 4-bit kernels. "
                 f"Use one of {list(SUPPORTED_BLOCKSIZES)} (64 is the QLoRA default)."
             )
-        if self.skip_modules is None:
-            problems.append("skip_modules=None must be a list of module names (use [] to skip nothing).")
         if problems:
             raise ConfigError("QuantConfig", problems)
 
@@ -204,12 +209,17 @@ def _is_listlike(value: Any) -> bool:
     return hasattr(value, "__iter__") and hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict))
 
 
+def _is_one_of(value: Any, options: Any) -> bool:
+    return isinstance(value, str) and value in options
+
+
 def _as_str_tuple(value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
+    """A tuple of names from a name or a list of names; ``None`` for anything else."""
     if isinstance(value, str):
         return (value,)
-    return tuple(value)
+    if _is_listlike(value) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return None
 
 
 __all__ = ["ALL_LINEAR", "ConfigError", "LoRAConfig", "QuantConfig", "SUPPORTED_BLOCKSIZES"]

@@ -9,9 +9,11 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_qlora.checkpoint_io import AtomicCheckpointIO
 from lightning_qlora.precision import QLoRAPlugin
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,8 @@ class QLoRAStrategy(SingleDeviceStrategy):
       are materialized one at a time on the device and quantized right away.
     - Without a :class:`QLoRAPlugin` in ``plugins`` it uses ``QLoRAPlugin()`` (NF4, double quant, bf16, LoRA r=16).
     - Lightning checkpoints (``.ckpt``) hold the trainable (adapter) weights, optimizer, schedulers and loops, never
-      the frozen base, which is rebuilt from the pretrained weights on resume.
+      the frozen base, which is rebuilt from the pretrained weights on resume. They are written atomically
+      (:class:`AtomicCheckpointIO`).
 
     Example:
         >>> trainer = Trainer(strategy="qlora", accelerator="cpu", max_steps=10)  # doctest: +SKIP
@@ -34,6 +37,7 @@ class QLoRAStrategy(SingleDeviceStrategy):
     strategy_name = "qlora"
 
     def __init__(self, device: torch.device | str | int | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(device=device if device is not None else "cpu", **kwargs)
         # Filled in by the Trainer from `accelerator=`/`devices=` when the strategy is chosen by name.
         self.parallel_devices: list[torch.device] | None = None if device is None else [self._root_device]
@@ -70,6 +74,8 @@ class QLoRAStrategy(SingleDeviceStrategy):
                 "plugins=[QLoRAPlugin(quant=QuantConfig(compute_dtype='bf16'))] to choose the compute dtype."
             )
         plugin.quantize_device = self.root_device
+        if self.root_device.type == "cpu" and not _warned_cpu:
+            _warn_cpu_once()
         super().setup(trainer)
 
     @override
@@ -87,6 +93,18 @@ class QLoRAStrategy(SingleDeviceStrategy):
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
         load_trainable_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
+
+
+_warned_cpu = False
+
+
+def _warn_cpu_once() -> None:
+    global _warned_cpu
+    _warned_cpu = True
+    rank_zero_warn(
+        "QLoRA is running on the CPU (no GPU requested or none found): bitsandbytes' CPU kernels work but are slow; "
+        "fine for small models such as SmolLM2-135M. Pass accelerator='gpu' on a machine with CUDA."
+    )
 
 
 def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

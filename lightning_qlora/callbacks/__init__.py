@@ -3,5 +3,13 @@
 from lightning_qlora.callbacks.adapter_checkpoint import AdapterCheckpoint
 from lightning_qlora.callbacks.peak_memory import PeakMemoryMonitor
 from lightning_qlora.callbacks.training_curves import TrainingCurves
+from lightning_qlora.callbacks.training_guards import NoAdapterGradientError, NonFiniteLossError, TrainingGuard
 
-__all__ = ["AdapterCheckpoint", "PeakMemoryMonitor", "TrainingCurves"]
+__all__ = [
+    "AdapterCheckpoint",
+    "NoAdapterGradientError",
+    "NonFiniteLossError",
+    "PeakMemoryMonitor",
+    "TrainingCurves",
+    "TrainingGuard",
+]

@@ -1,0 +1,219 @@
+"""The fault matrix (README, Troubleshooting): each row a test."""
+
+import errno
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_qlora import AdapterCheckpoint, ConfigError, LoRAConfig, QLoRAPlugin, QuantConfig, load_adapter
+from lightning_qlora._bnb import BitsandbytesUnavailableError, import_bitsandbytes
+from lightning_qlora.callbacks import NoAdapterGradientError, NonFiniteLossError, TrainingGuard
+from lightning_qlora.checkpoint_io import AtomicCheckpointIO, CheckpointLoadError
+from lightning_qlora.lora import LoRALinear
+from lightning_qlora.tracking import wandb_mode
+
+from helpers import RegressionModule, fast_trainer, regression_loader
+
+
+class PoisonedModule(RegressionModule):
+    """Returns a NaN loss on one batch, as a corrupt sample would."""
+
+    def __init__(self, poison_batch: int) -> None:
+        super().__init__()
+        self.poison_batch = poison_batch
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx == self.poison_batch else loss
+
+
+def _adapter_weights(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+# -- bitsandbytes missing or too old -------------------------------------------------------------------------------
+
+def test_missing_bitsandbytes_says_how_to_install(monkeypatch):
+    import_bitsandbytes.cache_clear()
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    try:
+        with pytest.raises(BitsandbytesUnavailableError, match=r"Install it with: pip install 'bitsandbytes>=0.45'"):
+            import_bitsandbytes()
+    finally:
+        import_bitsandbytes.cache_clear()
+
+
+def test_old_bitsandbytes_is_refused(monkeypatch):
+    import bitsandbytes
+
+    import_bitsandbytes.cache_clear()
+    monkeypatch.setattr(bitsandbytes, "__version__", "0.41.1")
+    try:
+        with pytest.raises(BitsandbytesUnavailableError, match=r"bitsandbytes 0.41.1 is too old.*Upgrade with"):
+            import_bitsandbytes()
+    finally:
+        import_bitsandbytes.cache_clear()
+
+
+# -- CUDA asked for, none present -----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_gpu_is_a_clear_error():
+    with pytest.raises(MisconfigurationException, match=r"`CUDAAccelerator` can not run on your system since the accelerator is not available"):
+        fast_trainer(accelerator="cuda", plugins=[QLoRAPlugin()])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_auto_accelerator_falls_back_to_cpu_with_one_warning(monkeypatch):
+    import lightning_qlora.strategy as strategy
+
+    monkeypatch.setattr(strategy, "_warned_cpu", False)
+    with pytest.warns(UserWarning, match=r"QLoRA is running on the CPU") as record:
+        for _ in range(2):
+            fast_trainer(accelerator="auto", strategy="qlora", max_steps=1).fit(RegressionModule(), regression_loader())
+    assert sum("running on the CPU" in str(w.message) for w in record) == 1
+
+
+# -- NaN / inf loss -------------------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_with_step_and_batch_and_keeps_last_good_adapter(tmp_path):
+    module = PoisonedModule(poison_batch=3)
+    adapters = AdapterCheckpoint(tmp_path / "adapters", every_n_train_steps=1)
+    trainer = fast_trainer(plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], callbacks=[TrainingGuard(), adapters])
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at optimizer step 3, batch index 3"):
+        trainer.fit(module, regression_loader())
+    assert trainer.global_step == 3
+    assert all(torch.isfinite(p).all() for p in _adapter_weights(module).values())
+    good = RegressionModule()
+    QLoRAPlugin(lora=LoRAConfig(r=4)).convert_module(good)
+    load_adapter(good, tmp_path / "adapters" / "last", strict=False)
+    for name, weight in _adapter_weights(good).items():
+        torch.testing.assert_close(weight, _adapter_weights(module)[name])  # the last good adapter is on disk
+
+
+def test_nan_loss_can_be_skipped():
+    module = PoisonedModule(poison_batch=2)
+    guard = TrainingGuard(on_nan="skip")
+    trainer = fast_trainer(plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], callbacks=[guard], max_steps=6)
+    with pytest.warns(UserWarning, match=r"Skipping a batch: the loss is nan at optimizer step 2, batch index 2"):
+        trainer.fit(module, regression_loader())
+    assert guard.skipped == [(2, 2)]
+    assert all(torch.isfinite(p).all() for p in _adapter_weights(module).values())
+
+
+# -- gradients never reach the adapters -------------------------------------------------------------------------------
+
+def test_gradients_that_never_reach_adapters_are_detected_in_the_first_steps():
+    """Recreates the CPU generate()-before-training trap with bitsandbytes' own layer, which our layer avoids."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU lacks AVX512-BF16: bitsandbytes never switches to the inference layout here")
+
+    module = RegressionModule()
+    module.model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    QLoRAPlugin(lora=LoRAConfig(r=4)).convert_module(module)
+    for layer in module.model:
+        if isinstance(layer, LoRALinear):
+            raw = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                    quant_type="nf4")
+            layer.base_layer = raw.to("cpu").eval()
+            with torch.no_grad():
+                raw(torch.randn(1, layer.in_features, dtype=torch.bfloat16))  # the generate() call
+    losses_before = len(module.losses)
+    trainer = fast_trainer(plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], callbacks=[TrainingGuard()])
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 64, generator=generator), torch.randn(64, 64, generator=generator))
+    with pytest.raises(NoAdapterGradientError, match=r"Only 1 of 3 LoRA adapters received a gradient at step 0"):
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
+    assert len(module.losses) == losses_before + 1  # caught on the first step, not hours later
+
+
+# -- Lightning checkpoints: killed/full-disk writes, corrupted files ------------------------------------------------
+
+def test_full_disk_while_checkpointing_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    before = path.read_bytes()
+
+    def full_disk(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"Could not write checkpoint .*last.ckpt: the disk is full. The previous"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupted_checkpoint_is_refused_with_name_and_reason(tmp_path, damage):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
+    fast_trainer(strategy="qlora", max_steps=2, callbacks=[ckpt], enable_checkpointing=True).fit(
+        RegressionModule(), regression_loader()
+    )
+    path = tmp_path / "last.ckpt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"not a checkpoint at all")
+    trainer = fast_trainer(strategy="qlora", max_steps=4)
+    with pytest.raises(CheckpointLoadError, match=r"Checkpoint .*last.ckpt cannot be loaded: (truncated or corrupted|not a valid)"):
+        trainer.fit(RegressionModule(), regression_loader(), ckpt_path=str(path))
+
+
+# -- W&B without a key or without a network -------------------------------------------------------------------------
+
+def test_wandb_goes_offline_without_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_mode("auto") == "offline"
+
+
+def test_wandb_goes_offline_when_server_unreachable(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    started = time.monotonic()
+    assert wandb_mode("auto") == "offline"
+    assert time.monotonic() - started < 10
+
+
+# -- config validation, fuzzed ---------------------------------------------------------------------------------------
+
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                 st.text(max_size=12), st.lists(st.text(max_size=6), max_size=3))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(r=_ANY, alpha=_ANY, dropout=_ANY, target=_ANY, rslora=_ANY)
+def test_random_lora_configs_fail_only_with_our_error(r, alpha, dropout, target, rslora):
+    try:
+        config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target, use_rslora=rslora)
+    except ConfigError as err:
+        assert str(err).startswith("LoRAConfig has ") and err.problems
+    else:
+        assert config.r > 0 and config.alpha > 0 and 0 <= config.dropout < 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(quant_type=_ANY, double_quant=_ANY, compute_dtype=_ANY, blocksize=_ANY, skip=_ANY)
+def test_random_quant_configs_fail_only_with_our_error(quant_type, double_quant, compute_dtype, blocksize, skip):
+    try:
+        QuantConfig(quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
+                    blocksize=blocksize, skip_modules=skip)
+    except ConfigError as err:
+        assert str(err).startswith("QuantConfig has ") and err.problems
