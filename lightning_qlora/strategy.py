@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -79,6 +81,16 @@ class QLoRAStrategy(SingleDeviceStrategy):
         super().setup(trainer)
 
     @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with _explain_out_of_memory(self, "the forward pass"):
+            return super().training_step(*args, **kwargs)
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with _explain_out_of_memory(self, "the backward pass"):
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
     def model_to_device(self) -> None:
         assert self.model is not None
         _materialize_meta(self.model, self.root_device)
@@ -93,6 +105,30 @@ class QLoRAStrategy(SingleDeviceStrategy):
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
         load_trainable_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
+
+
+class QLoRAOutOfMemoryError(torch.cuda.OutOfMemoryError):
+    """CUDA ran out of memory; the message has the measured peak and the settings that lower it."""
+
+
+@contextmanager
+def _explain_out_of_memory(strategy: QLoRAStrategy, phase: str) -> Iterator[None]:
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        if isinstance(err, QLoRAOutOfMemoryError):
+            raise
+        device = strategy.root_device
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        module = strategy.lightning_module
+        step = module.trainer.global_step if module is not None and module._trainer is not None else "?"
+        raise QLoRAOutOfMemoryError(
+            f"CUDA ran out of memory in {phase} at step {step} on {torch.cuda.get_device_name(device)}: peak allocated "
+            f"{peak:.2f} GiB of {total:.1f} GiB. To lower it: a smaller batch (data.batch_size), shorter sequences "
+            "(data.max_length), activation checkpointing (model.gradient_checkpointing=true), a smaller LoRA rank "
+            f"(lora.r), or an 8-bit optimizer. (torch: {str(err).splitlines()[0][:200]})"
+        ) from err
 
 
 _warned_cpu = False

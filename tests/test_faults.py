@@ -217,3 +217,24 @@ def test_random_quant_configs_fail_only_with_our_error(quant_type, double_quant,
                     blocksize=blocksize, skip_modules=skip)
     except ConfigError as err:
         assert str(err).startswith("QuantConfig has ") and err.problems
+
+
+# -- out of GPU memory -----------------------------------------------------------------------------------------------
+
+class GreedyModule(RegressionModule):
+    """Asks for far more GPU memory than exists, as an oversized batch would."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        waste = torch.empty(2**41, dtype=torch.uint8, device=loss.device)  # 2 TiB
+        return loss + waste[:1].float().sum() * 0
+
+
+@pytest.mark.gpu
+def test_out_of_gpu_memory_names_the_peak_and_the_remedies():
+    from lightning_qlora.strategy import QLoRAOutOfMemoryError
+
+    trainer = fast_trainer(accelerator="cuda", strategy="qlora", max_steps=2)
+    with pytest.raises(QLoRAOutOfMemoryError, match=r"CUDA ran out of memory in the forward pass at step 0 on .*: "
+                                                     r"peak allocated \d+\.\d+ GiB of \d+\.\d GiB. To lower it: a smaller batch"):
+        trainer.fit(GreedyModule(), regression_loader())
