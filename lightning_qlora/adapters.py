@@ -43,7 +43,7 @@ KNOWN_PEFT_FIELDS = frozenset(
 )
 # Fields that, when set to anything but their default, describe an adapter this library cannot reproduce.
 _UNSUPPORTED_IF_SET = {
-    "use_dora": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
+    "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
     "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layer_replication": None,
     "trainable_token_indices": None, "target_parameters": None, "use_qalora": False, "use_bdlora": False,
     "alora_invocation_tokens": None, "exclude_modules": None,
@@ -100,8 +100,8 @@ def save_adapter(
         )
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers:
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+        for key, tensor in adapter_tensors(layer).items():
+            tensors[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach().cpu().contiguous()
     config = peft_config_dict(root, layers, base_model_name_or_path)
     facts = {
         "library": "lightning_qlora",
@@ -175,7 +175,7 @@ def load_adapter(
         inject_lora(root, lora_config, skip_modules=(quant or QuantConfig()).skip_modules)
     _check_fingerprint(facts, root, path, strict)
     layers = dict(iter_lora_layers(root))
-    expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    expected = {f"{PEFT_PREFIX}{n}.{key}" for n, layer in layers.items() for key in adapter_tensors(layer)}
     unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
     if strict and (unknown or missing):
         raise AdapterFormatError(
@@ -186,11 +186,10 @@ def load_adapter(
     loaded: list[str] = []
     with torch.no_grad():
         for name, layer in layers.items():
-            for ab in "AB":
-                key = f"{PEFT_PREFIX}{name}.lora_{ab}.weight"
+            for suffix, target in adapter_tensors(layer).items():
+                key = f"{PEFT_PREFIX}{name}.{suffix}"
                 if key not in state:
                     continue
-                target = getattr(layer, f"lora_{ab}").weight
                 if target.shape != state[key].shape:
                     raise AdapterFormatError(
                         f"{weights}: {key} has shape {tuple(state[key].shape)}, the model's is {tuple(target.shape)} "
@@ -199,6 +198,14 @@ def load_adapter(
                 target.copy_(state[key].to(device=target.device, dtype=target.dtype))
             loaded.append(name)
     return loaded
+
+
+def adapter_tensors(layer: LoRALinear) -> dict[str, torch.Tensor]:
+    """The trainable tensors of one adapter under PEFT's key suffixes."""
+    tensors = {"lora_A.weight": layer.lora_A.weight, "lora_B.weight": layer.lora_B.weight}
+    if layer.use_dora:
+        tensors["lora_magnitude_vector"] = layer.lora_magnitude_vector
+    return tensors
 
 
 def read_adapter_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -229,7 +236,7 @@ def peft_config_dict(
         "target_modules": targets,
         "bias": "none",
         "use_rslora": first.use_rslora,
-        "use_dora": False,
+        "use_dora": first.use_dora,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -274,6 +281,7 @@ def lora_config_from_peft(config: dict[str, Any], source: Path | str = ADAPTER_C
             dropout=config.get("lora_dropout", 0.0),
             target_modules=target_modules,
             use_rslora=config.get("use_rslora", False),
+            use_dora=config.get("use_dora", False),
         )
     except ValueError as err:
         raise AdapterFormatError(f"{source}: {err}") from None

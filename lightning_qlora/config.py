@@ -130,6 +130,8 @@ class LoRAConfig:
             (a name matches a module whose qualified name ends with it, as in PEFT), or any other string, taken as a
             regular expression that must match the whole qualified name.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+        use_dora: DoRA (weight-decomposed LoRA): a trainable per-output magnitude vector times the normalized
+            direction ``W + scaling * B @ A``, as in the DoRA paper and PEFT. Costs a dequantize per forward.
 
     Raises:
         ConfigError: listing every invalid value at once.
@@ -144,6 +146,7 @@ class LoRAConfig:
     dropout: float = 0.05
     target_modules: str | Sequence[str] = ALL_LINEAR
     use_rslora: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -161,6 +164,8 @@ class LoRAConfig:
             problems.append(f"dropout={self.dropout} must be in [0, 1): 0 disables it, 0.05-0.1 is typical.")
         if not isinstance(self.use_rslora, bool):
             problems.append(f"use_rslora={self.use_rslora!r} must be a bool (True or False).")
+        if not isinstance(self.use_dora, bool):
+            problems.append(f"use_dora={self.use_dora!r} must be a bool (True or False).")
         problems.extend(self._normalize_target_modules())
         if problems:
             raise ConfigError("LoRAConfig", problems)

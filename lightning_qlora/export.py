@@ -49,7 +49,7 @@ def merged_state_dict(module: nn.Module, dtype: torch.dtype = torch.bfloat16, pr
         wrapper = root.get_submodule(name)
         weight = dequantize_weight(layer).float()
         if isinstance(wrapper, LoRALinear) and not wrapper.merged:
-            weight = weight + wrapper.delta_weight().to(weight.device)
+            weight = wrapper.merged_weight(weight)
             merged += 1
         state[f"{name}.weight"] = weight.to(dtype).cpu()
         if layer.bias is not None:

@@ -43,6 +43,8 @@ class LoRALinear(nn.Module):
         lora_alpha: scaling numerator.
         dropout: dropout probability on the adapter input.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: DoRA: ``lora_magnitude_vector`` (initialized to the row norms of the base weight) rescales the
+            direction ``W + scaling * B @ A``; the norm is treated as a constant in backward, as in the paper and PEFT.
 
     Example:
         >>> layer = LoRALinear(nn.Linear(16, 8), r=4, lora_alpha=8)
@@ -57,6 +59,7 @@ class LoRALinear(nn.Module):
         lora_alpha: float,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -71,7 +74,11 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=ADAPTER_DTYPE)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=ADAPTER_DTYPE)
         self.merged = False
+        self.use_dora = use_dora
         self.reset_lora_parameters()
+        if use_dora:
+            norms = torch.linalg.norm(dequantize_weight(base_layer).float(), dim=1).to(device)
+            self.lora_magnitude_vector = nn.Parameter(norms.to(ADAPTER_DTYPE))
 
     def reset_lora_parameters(self) -> None:
         # Same init as PEFT's default: Kaiming-uniform A, zero B, so training starts from the base model exactly.
@@ -92,8 +99,30 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         adapter_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(adapter_in)) * self.scaling
+        lora_out = self.lora_B(self.lora_A(adapter_in))
+        if not self.use_dora:
+            return result + (lora_out * self.scaling).to(result.dtype)
+        weight = dequantize_weight(self.base_layer).to(adapter_in.dtype)
+        # The norm of the adapted weight is a constant in backward (DoRA paper, section 4.3).
+        with torch.no_grad():
+            norm = torch.linalg.norm(weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight), dim=1)
+        scale = (self.lora_magnitude_vector / norm).view(*([1] * (result.dim() - 1)), -1)
+        if isinstance(self.lora_dropout, nn.Identity):
+            base_out = result.to(adapter_in.dtype)
+            if self.base_layer.bias is not None:
+                base_out = base_out - self.base_layer.bias.to(adapter_in.dtype)
+        else:
+            base_out = nn.functional.linear(adapter_in, weight)
+        update = (scale - 1) * base_out + scale * lora_out * self.scaling
         return result + update.to(result.dtype)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the dequantized base, fp32) with this adapter folded in: ``W + dW``, or DoRA's rescaling."""
+        adapted = weight + self.delta_weight().to(weight.device)
+        if not self.use_dora:
+            return adapted
+        norm = torch.linalg.norm(adapted, dim=1, keepdim=True)
+        return adapted * (self.lora_magnitude_vector.detach().float().to(weight.device)[:, None] / norm)
 
     def merge(self) -> None:
         """Fold ``scaling * B @ A`` into the base weight; :meth:`unmerge` restores the base bit for bit.
@@ -107,12 +136,12 @@ class LoRALinear(nn.Module):
         if is_quantized_linear(base):
             restore_training_layout(base)
             self._unmerged_weight = (base.weight, base.quant_state)
-            merged = dequantize_weight(base).float() + self.delta_weight().to(base.weight.device)
+            merged = self.merged_weight(dequantize_weight(base).float())
             weight = base.weight
             set_quantized_weight(base, merged, weight.quant_type, weight.blocksize, weight.compress_statistics)
         else:
             self._unmerged_weight = base.weight.data.clone()
-            base.weight.data += self.delta_weight().to(base.weight.device, base.weight.dtype)
+            base.weight.data.copy_(self.merged_weight(base.weight.data.float()))
         self.merged = True
 
     def unmerge(self) -> None:
@@ -139,7 +168,7 @@ class LoRALinear(nn.Module):
         return nn.functional.linear(x, weight, bias) + nn.functional.linear(x, self.delta_weight())
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}{', dora' if self.use_dora else ''}"
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig, skip_modules: tuple[str, ...] = ()) -> list[str]:
@@ -175,7 +204,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, skip_modules: tuple[str, .
         base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             continue
-        replace_submodule(model, name, LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora))
+        replace_submodule(model, name, LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora, config.use_dora))
         adapted.append(name)
     return adapted
 

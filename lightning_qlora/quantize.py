@@ -23,6 +23,8 @@ from lightning_qlora.fingerprint import WEIGHTS_HASH_ATTR, digest_samples, weigh
 log = logging.getLogger(__name__)
 
 ADAPTER_MODULE_NAMES = frozenset({"lora_A", "lora_B"})
+# Every trainable adapter tensor is under one of these names (the DoRA magnitude is a bare parameter).
+ADAPTER_PARAMETER_NAMES = ADAPTER_MODULE_NAMES | {"lora_magnitude_vector"}
 # A progress bar is worth showing only for real models, not for toy ones in tests.
 _PROGRESS_MIN_LAYERS = 64
 
@@ -150,8 +152,8 @@ def freeze(model: nn.Module) -> None:
 
 
 def is_adapter_parameter(name: str) -> bool:
-    """True for a parameter that belongs to a LoRA adapter matrix (``...lora_A.weight``/``...lora_B.weight``)."""
-    return any(part in ADAPTER_MODULE_NAMES for part in name.split("."))
+    """True for an adapter parameter: ``...lora_A.weight``, ``...lora_B.weight`` or DoRA's ``...lora_magnitude_vector``."""
+    return any(part in ADAPTER_PARAMETER_NAMES for part in name.split("."))
 
 
 def quantized_nbytes(module: nn.Module) -> int:

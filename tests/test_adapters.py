@@ -136,7 +136,8 @@ def test_the_same_base_passes_the_fingerprint_quantized_or_not(tmp_path, tiny_ll
         (lambda d: _truncate(d / "adapter_model.safetensors"), r"cannot be read: truncated or corrupted"),
         (lambda d: (d / "adapter_config.json").write_text("{not json"), r"is not valid JSON"),
         (lambda d: _edit_config(d, lambda c: c | {"lora_magic": 3}), r"unknown field\(s\) \['lora_magic'\]"),
-        (lambda d: _edit_config(d, lambda c: c | {"use_dora": True}), r"use_dora=True is not supported"),
+        (lambda d: _edit_config(d, lambda c: c | {"bias": "all"}), r"bias='all' is not supported"),
+        (lambda d: _edit_config(d, lambda c: c | {"use_dora": True}), r"adapter weight\(s\) missing.*lora_magnitude_vector"),
         (lambda d: _edit_config(d, lambda c: c | {"r": 0}), r"r=0 must be > 0"),
     ],
 )
