@@ -1,4 +1,4 @@
-"""``QLoRAStrategy`` (``strategy="qlora"``): single-device QLoRA with on-device conversion and adapter-only checkpoints."""
+"""QLoRA strategies: ``strategy="qlora"`` (one device) and ``strategy="qlora_ddp"`` (Lightning's DDP)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -21,35 +21,11 @@ from lightning_qlora.precision import QLoRAPlugin
 log = logging.getLogger(__name__)
 
 
-class QLoRAStrategy(SingleDeviceStrategy):
-    """Single-device strategy that converts the model on the accelerator and checkpoints adapters only.
+class _QLoRAStrategyMixin:
+    """What every QLoRA strategy adds to its Lightning base strategy: the plugin check, on-device conversion,
+    adapter-only checkpoints restored after setup, and explained CUDA out-of-memory errors."""
 
-    - Quantization runs on the training device, one linear at a time, so on CUDA conversion never holds more than the
-      4-bit model plus one full-precision layer there. Layers built on the meta device (e.g. in ``configure_model``)
-      are materialized one at a time on the device and quantized right away.
-    - Without a :class:`QLoRAPlugin` in ``plugins`` it uses ``QLoRAPlugin()`` (NF4, double quant, bf16, LoRA r=16).
-    - Lightning checkpoints (``.ckpt``) hold the trainable (adapter) weights, optimizer, schedulers and loops, never
-      the frozen base, which is rebuilt from the pretrained weights on resume. They are written atomically
-      (:class:`AtomicCheckpointIO`).
-
-    Example:
-        >>> trainer = Trainer(strategy="qlora", accelerator="cpu", max_steps=10)  # doctest: +SKIP
-    """
-
-    strategy_name = "qlora"
-
-    def __init__(self, device: torch.device | str | int | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
-        super().__init__(device=device if device is not None else "cpu", **kwargs)
-        # Filled in by the Trainer from `accelerator=`/`devices=` when the strategy is chosen by name.
-        self.parallel_devices: list[torch.device] | None = None if device is None else [self._root_device]
-
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        if self.parallel_devices:
-            return self.parallel_devices[0]
-        return self._root_device
+    strategy_name: str
 
     @property
     @override
@@ -59,21 +35,16 @@ class QLoRAStrategy(SingleDeviceStrategy):
 
     @override
     def setup(self, trainer: Trainer) -> None:
-        if self.parallel_devices and len(self.parallel_devices) > 1:
-            raise ValueError(
-                f"strategy='qlora' trains on one device, but devices={len(self.parallel_devices)} were requested. "
-                "Use devices=1, or Lightning's 'ddp' strategy with plugins=[QLoRAPlugin()] for several devices."
-            )
         plugin = self.precision_plugin
         if type(plugin) is Precision:
-            # No precision flag was given: strategy="qlora" alone means QLoRA with the defaults.
+            # No precision flag was given: the strategy alone means QLoRA with the defaults.
             plugin = QLoRAPlugin()
             self.precision_plugin = plugin
         if not isinstance(plugin, QLoRAPlugin):
             raise ValueError(
-                f"strategy='qlora' needs the QLoRAPlugin precision plugin, but got {type(plugin).__name__} "
-                f"(precision={getattr(plugin, 'precision', '?')!r}). Remove the `precision=` flag and pass "
-                "plugins=[QLoRAPlugin(quant=QuantConfig(compute_dtype='bf16'))] to choose the compute dtype."
+                f"strategy={self.strategy_name!r} needs the QLoRAPlugin precision plugin, but got "
+                f"{type(plugin).__name__} (precision={getattr(plugin, 'precision', '?')!r}). Remove the `precision=` "
+                "flag and pass plugins=[QLoRAPlugin(quant=QuantConfig(compute_dtype='bf16'))] to choose the compute dtype."
             )
         plugin.quantize_device = self.root_device
         if self.root_device.type == "cpu" and not _warned_cpu:
@@ -107,12 +78,74 @@ class QLoRAStrategy(SingleDeviceStrategy):
         load_trainable_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
 
 
+class QLoRAStrategy(_QLoRAStrategyMixin, SingleDeviceStrategy):
+    """Single-device strategy that converts the model on the accelerator and checkpoints adapters only.
+
+    - Quantization runs on the training device, one linear at a time, so on CUDA conversion never holds more than the
+      4-bit model plus one full-precision layer there. Layers built on the meta device (e.g. in ``configure_model``)
+      are materialized one at a time on the device and quantized right away.
+    - Without a :class:`QLoRAPlugin` in ``plugins`` it uses ``QLoRAPlugin()`` (NF4, double quant, bf16, LoRA r=16).
+    - Lightning checkpoints (``.ckpt``) hold the trainable (adapter) weights, optimizer, schedulers, loops and RNG
+      state, never the frozen base, which is rebuilt from the pretrained weights on resume. They are written
+      atomically (:class:`AtomicCheckpointIO`).
+    - CUDA out-of-memory errors are re-raised as :class:`QLoRAOutOfMemoryError` with the peak and the remedies.
+
+    For several devices use :class:`QLoRADDPStrategy` (``strategy="qlora_ddp"``).
+
+    Example:
+        >>> trainer = Trainer(strategy="qlora", accelerator="cpu", max_steps=10)  # doctest: +SKIP
+    """
+
+    strategy_name = "qlora"
+
+    def __init__(self, device: torch.device | str | int | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
+        super().__init__(device=device if device is not None else "cpu", **kwargs)
+        # Filled in by the Trainer from `accelerator=`/`devices=` when the strategy is chosen by name.
+        self.parallel_devices: list[torch.device] | None = None if device is None else [self._root_device]
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if self.parallel_devices:
+            return self.parallel_devices[0]
+        return self._root_device
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        if self.parallel_devices and len(self.parallel_devices) > 1:
+            raise ValueError(
+                f"strategy='qlora' trains on one device, but devices={len(self.parallel_devices)} were requested. "
+                "Use strategy='qlora_ddp' for several devices (each rank quantizes its own copy; only adapter "
+                "gradients are all-reduced)."
+            )
+        super().setup(trainer)
+
+
+class QLoRADDPStrategy(_QLoRAStrategyMixin, DDPStrategy):
+    """Data-parallel QLoRA through Lightning's own DDP: ``Trainer(strategy="qlora_ddp", devices=N)``.
+
+    Each rank quantizes its own copy of the base on its device (layer by layer); DDP all-reduces only the gradients
+    of parameters that require grad, i.e. the adapters. Checkpoints are adapter-only and written by rank zero;
+    launching is Lightning's (its subprocess launcher, ``torchrun`` or SLURM), never ours.
+
+    Example:
+        >>> trainer = Trainer(strategy="qlora_ddp", accelerator="gpu", devices=2)  # doctest: +SKIP
+    """
+
+    strategy_name = "qlora_ddp"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
+        super().__init__(**kwargs)
+
+
 class QLoRAOutOfMemoryError(torch.cuda.OutOfMemoryError):
     """CUDA ran out of memory; the message has the measured peak and the settings that lower it."""
 
 
 @contextmanager
-def _explain_out_of_memory(strategy: QLoRAStrategy, phase: str) -> Iterator[None]:
+def _explain_out_of_memory(strategy: Any, phase: str) -> Iterator[None]:
     try:
         yield
     except torch.cuda.OutOfMemoryError as err:
@@ -198,12 +231,13 @@ def _materialize_meta(model: nn.Module, device: torch.device) -> None:
 
 
 def _register() -> None:
-    if QLoRAStrategy.strategy_name not in StrategyRegistry:
-        StrategyRegistry.register(
-            QLoRAStrategy.strategy_name,
-            QLoRAStrategy,
-            description="QLoRA on one device: 4-bit base converted on the device, adapter-only checkpoints",
-        )
+    descriptions = {
+        QLoRAStrategy: "QLoRA on one device: 4-bit base converted on the device, adapter-only checkpoints",
+        QLoRADDPStrategy: "QLoRA data-parallel through Lightning's DDP: each rank quantizes, adapters all-reduced",
+    }
+    for cls, description in descriptions.items():
+        if cls.strategy_name not in StrategyRegistry:
+            StrategyRegistry.register(cls.strategy_name, cls, description=description)
 
 
 _register()

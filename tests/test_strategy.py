@@ -26,7 +26,7 @@ def test_strategy_by_name_uses_default_plugin():
 
 def test_strategy_with_a_non_qlora_precision_is_refused():
     trainer = _trainer(strategy="qlora", precision="bf16-mixed")
-    with pytest.raises(ValueError, match=r"strategy='qlora' needs the QLoRAPlugin.*got MixedPrecision.*bf16-mixed"):
+    with pytest.raises(ValueError, match=r"strategy='qlora' needs the QLoRAPlugin precision plugin, but got MixedPrecision.*bf16-mixed"):
         trainer.fit(RegressionModule(), regression_loader())
 
 
