@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
@@ -50,6 +51,9 @@ class _QLoRAStrategyMixin:
         if self.root_device.type == "cpu" and not _warned_cpu:
             _warn_cpu_once()
         super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING and plugin.summary is not None:
+            for logger in trainer.loggers:  # the conversion summary, once per fit, as metrics
+                logger.log_metrics(plugin.summary.as_metrics(), step=trainer.global_step)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -92,6 +92,9 @@ def test_peak_memory_on_cpu_logs_rss_and_summary(tmp_path, tiny_llama_config):
     assert monitor.summary["memory/run_peak_rss_gib"] >= monitor.history[-1][1]["memory/peak_rss_gib"]
     metrics = (Path(logger.log_dir) / "metrics.csv").read_text()
     assert "memory/peak_rss_gib" in metrics and "memory/run_peak_rss_gib" in metrics
+    # strategy="qlora" also logs the conversion summary once at fit start.
+    for key in ("qlora/layers_quantized", "qlora/trainable_params", "qlora/trainable_percent", "qlora/bits_per_param"):
+        assert key in metrics
 
 
 def test_throughput_reaches_the_logger_as_tokens_per_second(tmp_path, tiny_llama_config):
