@@ -54,8 +54,10 @@ def main() -> None:
         torch.cuda.synchronize()
         wall = time.perf_counter() - started
     events = prof.key_averages()
-    gpu_total = sum(e.self_device_time_total for e in events) / 1e6
-    kernels = sum(e.count for e in events if e.self_device_time_total > 0)
+    # Only kernel rows: operator rows (aten::mm, ...) repeat the time of the kernels they launch.
+    kernel_rows = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_total = sum(e.self_device_time_total for e in kernel_rows) / 1e6
+    kernels = sum(e.count for e in kernel_rows)
     print(f"step wall {wall:.3f} s (profiled), GPU kernel time {gpu_total:.3f} s ({100 * gpu_total / wall:.0f}% busy), "
           f"~{kernels} kernel launches")
     table = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
