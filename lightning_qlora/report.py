@@ -27,9 +27,9 @@ from lightning_qlora.fidelity import FORMATS, bits_per_parameter, fake_quantize_
 from lightning_qlora.models.pretrained import DEFAULT_MODEL, resolve_pretrained
 
 _GGUF_NOTE = (
-    "SmolLM2-135M-Instruct here is converted from a Q4_1 GGUF: its weights already sit on a 4-bit grid (32-weight "
-    "blocks with an offset), which flatters every 4-bit format. The MiniLM row (plain fp32 weights) is the cleaner "
-    "test of reconstruction error."
+    "SmolLM2-135M-Instruct here is converted from a Q4_1 GGUF: its weights were stored in 4 bits (32-weight blocks "
+    "with an offset) before conversion, so the bf16 reference is itself a dequantized 4-bit model. The MiniLM report "
+    "(plain fp32 weights) is the cleaner test of reconstruction error."
 )
 
 
