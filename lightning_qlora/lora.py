@@ -27,8 +27,8 @@ from lightning_qlora.quantize import (
     replace_submodule,
 )
 
-# Adapters are trained in fp32: their optimizer updates are tiny relative to their values and would round away in
-# bf16. They are cast to the activation dtype only for the matmul.
+# Adapters are stored and updated in fp32: their optimizer updates are tiny relative to their values and would round
+# away in bf16. They are cast to the activations' dtype only for the matmul.
 ADAPTER_DTYPE = torch.float32
 
 
@@ -98,8 +98,13 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.merged:
             return result
-        adapter_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        lora_out = self.lora_B(self.lora_A(adapter_in))
+        # Adapters keep fp32 master weights but multiply in the activations' half precision: casting the small
+        # A and B is cheap, casting every activation to fp32 (and saving it for backward) is not.
+        compute = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self.lora_A.weight.dtype
+        adapter_in = self.lora_dropout(x).to(compute)
+        lora_out = nn.functional.linear(
+            nn.functional.linear(adapter_in, self.lora_A.weight.to(compute)), self.lora_B.weight.to(compute)
+        )
         if not self.use_dora:
             return result + (lora_out * self.scaling).to(result.dtype)
         weight = dequantize_weight(self.base_layer).to(adapter_in.dtype)

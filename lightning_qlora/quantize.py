@@ -138,6 +138,9 @@ def quantize_model(
         report.bytes_before += before
         report.num_params += module.weight.numel()
         report.bytes_after += after
+    if device is not None and torch.device(device).type == "cuda" and todo:
+        # Layer-by-layer materialization leaves the caching allocator holding blocks of every layer size.
+        torch.cuda.empty_cache()
     report.weights_sha256 = digest_samples(samples[name] for name, _ in linears if name in samples)
     setattr(model, WEIGHTS_HASH_ATTR, report.weights_sha256)
     freeze(model)

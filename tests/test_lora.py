@@ -120,3 +120,24 @@ def test_dropout_applies_to_adapter_input_only():
     x = torch.randn(32, 64)
     # With B = 0 the adapter adds nothing, so dropout must leave the base output untouched.
     assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_bf16_adapter_gradients_match_the_fp32_reference():
+    """The bf16 compute path (fp32 master weights) against the same LoRA over the dequantized weight in fp32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128))
+    quantize_model(model, QuantConfig(skip_modules=()))
+    inject_lora(model, LoRAConfig(r=8, dropout=0.0))
+    layer = model[0]
+    nn.init.normal_(layer.lora_B.weight, std=0.05)
+    x = torch.randn(32, 256)
+    target = torch.randn(32, 128)
+
+    grads = {}
+    for name, forward in (("bf16", lambda: layer(x.to(torch.bfloat16)).float()), ("fp32", lambda: layer.reference_forward(x))):
+        layer.zero_grad(set_to_none=True)
+        ((forward() - target) ** 2).mean().backward()
+        grads[name] = (layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())
+    assert layer.lora_A.weight.dtype == torch.float32  # master weights stay fp32
+    for fast, ref in zip(grads["bf16"], grads["fp32"]):
+        assert (fast - ref).norm() / ref.norm() < 2e-2  # bf16 operands
