@@ -57,15 +57,22 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, tiny_llama_con
         torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
 
 
+def _train_with_peft(peft_model, ids, steps=3):
+    """A few real optimizer steps in PEFT, so its adapter is a trained one."""
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    for _ in range(steps):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()
+
+
 def test_peft_adapter_loads_into_ours_with_the_same_logits(tmp_path, tiny_llama_config, ids):
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(_llama(tiny_llama_config), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            with torch.no_grad():
-                param.normal_(0, 0.05)
-    peft_model.eval()
+    _train_with_peft(peft_model, ids)
     peft_model.save_pretrained(tmp_path / "peft")
     ours = _llama(tiny_llama_config)
     loaded = load_adapter(ours, tmp_path / "peft")  # injects the adapters PEFT's config names
@@ -86,6 +93,22 @@ def test_smollm2_adapter_round_trips_through_peft(tmp_path, smollm2_path):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_path), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_trained_by_peft_loads_into_ours(tmp_path, smollm2_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_path),
+                                LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    _train_with_peft(peft_model, ids, steps=1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = AutoModelForCausalLM.from_pretrained(smollm2_path).eval()
+    load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_load_into_plain_model_quantizes_only_if_asked(tmp_path, tiny_llama_config, ids):

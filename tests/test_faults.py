@@ -238,3 +238,26 @@ def test_out_of_gpu_memory_names_the_peak_and_the_remedies():
     with pytest.raises(QLoRAOutOfMemoryError, match=r"CUDA ran out of memory in the forward pass at step 0 on .*: "
                                                      r"peak allocated \d+\.\d+ GiB of \d+\.\d GiB. To lower it: a smaller batch"):
         trainer.fit(GreedyModule(), regression_loader())
+
+
+_KILL_DURING_CKPT = r"""
+import os, signal, sys, torch
+from lightning_qlora.checkpoint_io import AtomicCheckpointIO
+real = torch.save
+def save_half_then_die(obj, handle, *args, **kwargs):
+    handle.write(b"PK\x03\x04 half a checkpoint")
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_half_then_die
+AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, sys.argv[1])
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    import subprocess
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    result = subprocess.run([sys.executable, "-c", _KILL_DURING_CKPT, str(path)], timeout=120)
+    assert result.returncode == -9
+    assert torch.equal(AtomicCheckpointIO().load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
