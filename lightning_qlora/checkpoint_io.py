@@ -30,6 +30,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
         try:
             with open(tmp, "wb") as handle:
                 torch.save(checkpoint, handle)

@@ -261,3 +261,5 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     result = subprocess.run([sys.executable, "-c", _KILL_DURING_CKPT, str(path)], timeout=120)
     assert result.returncode == -9
     assert torch.equal(AtomicCheckpointIO().load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.full((3,), 2.0)}}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the next save cleans the half-written file
