@@ -85,3 +85,25 @@ def fast_trainer(**overrides) -> Trainer:
     )
     settings.update(overrides)
     return Trainer(**settings)
+
+
+def llama(config, seed: int = 0):
+    """A random-weight LlamaForCausalLM from ``config``, in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def assert_merge_round_trip(model, ids) -> None:
+    """Merging adapters into a plain (unquantized) base keeps the logits; unmerging restores the base bit for bit."""
+    from lightning_qlora.lora import iter_lora_layers, merge_lora, unmerge_lora
+
+    before = {n: m.base_layer.weight.detach().clone() for n, m in iter_lora_layers(model)}
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        merge_lora(model)
+        merged = model(ids).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=0)
+    unmerge_lora(model)
+    assert all(torch.equal(m.base_layer.weight, before[n]) for n, m in iter_lora_layers(model))

@@ -18,14 +18,9 @@ from lightning_qlora.fingerprint import FingerprintMismatchError
 from lightning_qlora.lora import LoRALinear, iter_lora_layers, merge_lora, unmerge_lora
 from lightning_qlora.quantize import is_quantized_linear, packed_bytes
 
+from helpers import assert_merge_round_trip, llama
+
 FP32_NONE = QuantConfig(quant_type="none", compute_dtype="fp32")
-
-
-def _llama(config, seed=0):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 def _train_like(model, seed=1):
@@ -49,10 +44,10 @@ def ids():
 def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, tiny_llama_config, ids):
     from peft import PeftModel
 
-    model = _ours(_llama(tiny_llama_config))
+    model = _ours(llama(tiny_llama_config))
     _train_like(model)
     save_adapter(model, tmp_path / "adapter")
-    peft_model = PeftModel.from_pretrained(_llama(tiny_llama_config), tmp_path / "adapter").eval()
+    peft_model = PeftModel.from_pretrained(llama(tiny_llama_config), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
 
@@ -71,10 +66,10 @@ def _train_with_peft(peft_model, ids, steps=3):
 def test_peft_adapter_loads_into_ours_with_the_same_logits(tmp_path, tiny_llama_config, ids):
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(_llama(tiny_llama_config), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model = get_peft_model(llama(tiny_llama_config), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
     _train_with_peft(peft_model, ids)
     peft_model.save_pretrained(tmp_path / "peft")
-    ours = _llama(tiny_llama_config)
+    ours = llama(tiny_llama_config)
     loaded = load_adapter(ours, tmp_path / "peft")  # injects the adapters PEFT's config names
     assert len(loaded) == 2 * 3
     with torch.no_grad():
@@ -112,15 +107,15 @@ def test_smollm2_adapter_trained_by_peft_loads_into_ours(tmp_path, smollm2_path)
 
 
 def test_load_into_plain_model_quantizes_only_if_asked(tmp_path, tiny_llama_config, ids):
-    model = _ours(_llama(tiny_llama_config), quant=QuantConfig())
+    model = _ours(llama(tiny_llama_config), quant=QuantConfig())
     _train_like(model)
     save_adapter(model, tmp_path / "adapter")
     assert read_adapter_metadata(tmp_path / "adapter")["quantization"]["quant_type"] == "nf4"
 
-    plain = _llama(tiny_llama_config)
+    plain = llama(tiny_llama_config)
     load_adapter(plain, tmp_path / "adapter")
     assert not any(is_quantized_linear(m) for m in plain.modules())
-    quantized = _llama(tiny_llama_config)
+    quantized = llama(tiny_llama_config)
     load_adapter(quantized, tmp_path / "adapter", quant=QuantConfig())
     layer = quantized.model.layers[0].self_attn.q_proj
     assert isinstance(layer, LoRALinear) and is_quantized_linear(layer.base_layer)
@@ -128,27 +123,27 @@ def test_load_into_plain_model_quantizes_only_if_asked(tmp_path, tiny_llama_conf
 
 
 def test_adapter_from_another_base_is_refused_unless_not_strict(tmp_path, tiny_llama_config, caplog):
-    model = _ours(_llama(tiny_llama_config, seed=0))
+    model = _ours(llama(tiny_llama_config, seed=0))
     save_adapter(model, tmp_path / "adapter")
-    other = _llama(tiny_llama_config, seed=1)  # same shapes, different weights
+    other = llama(tiny_llama_config, seed=1)  # same shapes, different weights
     with pytest.raises(FingerprintMismatchError, match=r"was trained on LlamaForCausalLM .* but is being loaded into "
                                                        r"LlamaForCausalLM .*base weights differ.*strict=False"):
         load_adapter(other, tmp_path / "adapter")
-    load_adapter(_llama(tiny_llama_config, seed=1), tmp_path / "adapter", strict=False)
+    load_adapter(llama(tiny_llama_config, seed=1), tmp_path / "adapter", strict=False)
     assert "Loading anyway" in caplog.text
 
     bigger = tiny_llama_config.to_dict() | {"intermediate_size": 256}
     from transformers import LlamaConfig
 
     with pytest.raises(FingerprintMismatchError, match=r"linear layer names/shapes differ"):
-        load_adapter(_llama(LlamaConfig(**bigger)), tmp_path / "adapter")
+        load_adapter(llama(LlamaConfig(**bigger)), tmp_path / "adapter")
 
 
 def test_the_same_base_passes_the_fingerprint_quantized_or_not(tmp_path, tiny_llama_config):
-    model = _ours(_llama(tiny_llama_config), quant=QuantConfig())  # fingerprint recorded before quantization
+    model = _ours(llama(tiny_llama_config), quant=QuantConfig())  # fingerprint recorded before quantization
     save_adapter(model, tmp_path / "adapter")
-    load_adapter(_llama(tiny_llama_config), tmp_path / "adapter")  # plain fp32 base: same weights hash
-    load_adapter(_llama(tiny_llama_config), tmp_path / "adapter", quant=QuantConfig(quant_type="fp4"))
+    load_adapter(llama(tiny_llama_config), tmp_path / "adapter")  # plain fp32 base: same weights hash
+    load_adapter(llama(tiny_llama_config), tmp_path / "adapter", quant=QuantConfig(quant_type="fp4"))
 
 
 @pytest.mark.parametrize(
@@ -165,16 +160,16 @@ def test_the_same_base_passes_the_fingerprint_quantized_or_not(tmp_path, tiny_ll
     ],
 )
 def test_damaged_adapters_give_clear_errors(tmp_path, tiny_llama_config, damage, message):
-    model = _ours(_llama(tiny_llama_config))
+    model = _ours(llama(tiny_llama_config))
     save_adapter(model, tmp_path / "adapter")
     damage(tmp_path / "adapter")
     with pytest.raises(AdapterFormatError, match=message):
-        load_adapter(_llama(tiny_llama_config), tmp_path / "adapter")
+        load_adapter(llama(tiny_llama_config), tmp_path / "adapter")
 
 
 def test_shape_mismatch_names_the_weight(tmp_path, tiny_llama_config):
-    save_adapter(_ours(_llama(tiny_llama_config), r=4), tmp_path / "adapter")
-    model = _ours(_llama(tiny_llama_config), r=8)
+    save_adapter(_ours(llama(tiny_llama_config), r=4), tmp_path / "adapter")
+    model = _ours(llama(tiny_llama_config), r=8)
     with pytest.raises(AdapterFormatError, match=r"lora_A.weight has shape \(4, 64\), the model's is \(8, 64\)"):
         load_adapter(model, tmp_path / "adapter")
 
@@ -190,20 +185,13 @@ def _edit_config(directory, change):
 
 
 def test_merge_into_plain_base_and_unmerge_exactly(tiny_llama_config, ids):
-    model = _ours(_llama(tiny_llama_config))
+    model = _ours(llama(tiny_llama_config))
     _train_like(model)
-    before = {n: m.base_layer.weight.detach().clone() for n, m in iter_lora_layers(model)}
-    with torch.no_grad():
-        unmerged = model(ids).logits
-        merge_lora(model)
-        merged = model(ids).logits
-    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=0)
-    unmerge_lora(model)
-    assert all(torch.equal(m.base_layer.weight, before[n]) for n, m in iter_lora_layers(model))
+    assert_merge_round_trip(model, ids)
 
 
 def test_merge_into_4bit_base_warns_and_unmerge_restores_bytes(tiny_llama_config, ids):
-    model = _ours(_llama(tiny_llama_config), quant=QuantConfig())
+    model = _ours(llama(tiny_llama_config), quant=QuantConfig())
     _train_like(model)
     before = {n: packed_bytes(m.base_layer).clone() for n, m in iter_lora_layers(model)}
     with pytest.warns(UserWarning, match=r"re-quantizes every adapted weight"):
@@ -216,7 +204,7 @@ def test_merge_into_4bit_base_warns_and_unmerge_restores_bytes(tiny_llama_config
 def test_export_merged_loads_with_transformers_and_reports_drift(tmp_path, tiny_llama_config, ids):
     from transformers import AutoModelForCausalLM
 
-    model = _ours(_llama(tiny_llama_config), quant=QuantConfig(compute_dtype="fp32"))
+    model = _ours(llama(tiny_llama_config), quant=QuantConfig(compute_dtype="fp32"))
     _train_like(model)
     report = export_merged(model, tmp_path / "merged", dtype=torch.float32, check_input_ids=ids, progress=False)
     assert report.merged_layers == 14
@@ -227,9 +215,9 @@ def test_export_merged_loads_with_transformers_and_reports_drift(tmp_path, tiny_
 
 
 def test_export_cli(tmp_path, tiny_llama_config):
-    base = _llama(tiny_llama_config)
+    base = llama(tiny_llama_config)
     base.save_pretrained(tmp_path / "base")
-    model = _ours(_llama(tiny_llama_config), quant=QuantConfig())
+    model = _ours(llama(tiny_llama_config), quant=QuantConfig())
     _train_like(model)
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     tok_dir = tmp_path / "base"

@@ -5,19 +5,12 @@ import json
 import torch
 
 from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig, load_adapter, save_adapter
-from lightning_qlora.lora import iter_lora_layers, merge_lora, unmerge_lora
+from lightning_qlora.lora import iter_lora_layers
 from lightning_qlora.quantize import dequantize_weight
 
-from helpers import CausalLMModule, fast_trainer, token_loader
+from helpers import CausalLMModule, assert_merge_round_trip, fast_trainer, llama, token_loader
 
 FP32_NONE = QuantConfig(quant_type="none", compute_dtype="fp32")
-
-
-def _llama(config, seed=0):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 def _dora(model, quant=FP32_NONE):
@@ -35,10 +28,10 @@ def _perturb(model):
 
 def test_fresh_dora_adapter_leaves_the_output_unchanged(tiny_llama_config):
     ids = torch.randint(0, 128, (2, 8))
-    base = _llama(tiny_llama_config)
+    base = llama(tiny_llama_config)
     with torch.no_grad():
         expected = base(ids).logits
-    model = _dora(_llama(tiny_llama_config))
+    model = _dora(llama(tiny_llama_config))
     layer = model.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(layer.lora_magnitude_vector, torch.linalg.norm(layer.base_layer.weight, dim=1))
     with torch.no_grad():
@@ -61,17 +54,17 @@ def test_dora_adapter_loads_in_peft_with_the_same_logits_and_back(tmp_path, tiny
     from peft import PeftModel
 
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-    model = _dora(_llama(tiny_llama_config))
+    model = _dora(llama(tiny_llama_config))
     _perturb(model)
     save_adapter(model, tmp_path / "dora")
     assert json.loads((tmp_path / "dora" / "adapter_config.json").read_text())["use_dora"] is True
-    peft_model = PeftModel.from_pretrained(_llama(tiny_llama_config), tmp_path / "dora").eval()
+    peft_model = PeftModel.from_pretrained(llama(tiny_llama_config), tmp_path / "dora").eval()
     with torch.no_grad():
         ours, theirs = model(ids).logits, peft_model(ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
     peft_model.save_pretrained(tmp_path / "from_peft")
-    reloaded = _llama(tiny_llama_config)
+    reloaded = llama(tiny_llama_config)
     load_adapter(reloaded, tmp_path / "from_peft")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, theirs, atol=1e-4, rtol=0)
@@ -79,13 +72,6 @@ def test_dora_adapter_loads_in_peft_with_the_same_logits_and_back(tmp_path, tiny
 
 def test_dora_merge_matches_and_unmerges_exactly(tiny_llama_config):
     ids = torch.randint(0, 128, (2, 10))
-    model = _dora(_llama(tiny_llama_config))
+    model = _dora(llama(tiny_llama_config))
     _perturb(model)
-    before = {n: m.base_layer.weight.detach().clone() for n, m in iter_lora_layers(model)}
-    with torch.no_grad():
-        unmerged = model(ids).logits
-        merge_lora(model)
-        merged = model(ids).logits
-    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=0)
-    unmerge_lora(model)
-    assert all(torch.equal(m.base_layer.weight, before[n]) for n, m in iter_lora_layers(model))
+    assert_merge_round_trip(model, ids)
