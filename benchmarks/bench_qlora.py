@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--ckpt", type=int, default=1)
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
+    ap.add_argument("--memory-report", type=int, default=0, help="print allocated/reserved GiB around the first steps")
     a = ap.parse_args()
     torch.manual_seed(0)
     device = a.device
@@ -89,8 +90,18 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(2):
+    def memory(label: str) -> None:
+        if a.memory_report and cuda:
+            stats = torch.cuda.memory_stats()
+            print(f"[memory] {label}: allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, reserved "
+                  f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB, peak reserved "
+                  f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB, segments {stats.get('segment.all.current')}, "
+                  f"alloc retries {stats.get('num_alloc_retries')}", flush=True)
+
+    memory("after build")
+    for i in range(2):
         step()
+        memory(f"after step {i + 1}")
     sync()
     t = time.time()
     for _ in range(a.steps):
