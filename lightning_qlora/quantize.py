@@ -122,25 +122,27 @@ def quantize_model(
     samples = {name: weight_sample(name, m.weight) for name, m in linears if name in report.skipped and not m.weight.is_meta}
 
     show = progress if progress is not None else len(todo) >= _PROGRESS_MIN_LAYERS
+    scratch = _ScratchBuffers(max((m.weight.numel() for _, m in todo), default=0))
     for name, module in progress_bar(todo, show, desc=f"Quantizing to {config.quant_type}"):
         target = torch.device(device) if device is not None else _default_device(module)
         before = module.weight.numel() * module.weight.element_size()
-        weight = _materialized_weight(module, target)
-        samples[name] = weight_sample(name, weight)
         if config.quantized:
+            weight = _full_precision_weight(module, target, scratch)
+            samples[name] = weight_sample(name, weight)
             new = _quantize_linear(module, weight, config, target)
             after = quantized_nbytes(new)
         else:
             new = _cast_linear(module, config.torch_compute_dtype, target)
+            samples[name] = weight_sample(name, new.weight)
             after = new.weight.numel() * new.weight.element_size()
         replace_submodule(model, name, new)
         report.quantized.append(name)
         report.bytes_before += before
         report.num_params += module.weight.numel()
         report.bytes_after += after
+    del scratch
     if device is not None and torch.device(device).type == "cuda" and todo:
-        # Layer-by-layer materialization leaves the caching allocator holding blocks of every layer size.
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # returns the scratch buffer's segment
     report.weights_sha256 = digest_samples(samples[name] for name, _ in linears if name in samples)
     setattr(model, WEIGHTS_HASH_ATTR, report.weights_sha256)
     freeze(model)
@@ -234,16 +236,46 @@ def set_quantized_weight(
 
 def _cast_linear(linear: nn.Linear, dtype: torch.dtype, device: torch.device) -> nn.Linear:
     if linear.weight.is_meta:
-        _materialized_weight(linear, device)  # initializes the layer in place
-    return linear.to(device=device, dtype=dtype)
-
-
-def _materialized_weight(linear: nn.Linear, device: torch.device) -> torch.Tensor:
-    if linear.weight.is_meta:
         # A meta layer has no values: give it its own initialization, on the target device only.
         linear.to_empty(device=device)
         linear.reset_parameters()
-    return linear.weight.detach().to(device)
+    return linear.to(device=device, dtype=dtype)
+
+
+class _ScratchBuffers:
+    """One reusable buffer per dtype for the full-precision weight of the layer being quantized.
+
+    Materializing each layer's temporary weight in fresh memory lets the small, long-lived 4-bit results land in the
+    same allocator segments, which then can never be released (measured: 28.7 GiB reserved for 3.8 GiB allocated
+    after converting a 7B model on an H200). Reusing one buffer keeps temporaries and results apart.
+    """
+
+    def __init__(self, numel: int) -> None:
+        self.numel = numel
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(self.numel, dtype=dtype, device=device)
+        return self._buffers[key][: shape.numel()].view(shape)
+
+
+def _full_precision_weight(linear: nn.Linear, device: torch.device, scratch: _ScratchBuffers) -> torch.Tensor:
+    """The layer's weight on ``device``, in a scratch buffer when it has to be materialized or moved there."""
+    weight = linear.weight
+    if weight.is_meta:
+        # A meta layer has no values: give it its own initialization, on the target device only.
+        linear.weight = nn.Parameter(scratch.get(weight.shape, weight.dtype, device), requires_grad=False)
+        if linear.bias is not None and linear.bias.is_meta:
+            linear.bias = nn.Parameter(torch.empty_like(linear.bias, device=device), requires_grad=False)
+        linear.reset_parameters()
+        return linear.weight.detach()
+    if weight.device != device:
+        buffer = scratch.get(weight.shape, weight.dtype, device)
+        buffer.copy_(weight.detach())
+        return buffer
+    return weight.detach()
 
 
 def _default_device(module: nn.Module) -> torch.device:
