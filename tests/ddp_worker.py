@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_qlora import AdapterCheckpoint, LoRAConfig, QLoRAPlugin
+from lightning_qlora import AdapterCheckpoint, LoRAConfig, QLoRAPlugin, QuantConfig
 from lightning_qlora.strategy import trainable_state_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -55,7 +55,9 @@ def main() -> None:
         accelerator="cpu",
         devices=args.devices,
         strategy="qlora_ddp" if args.devices > 1 else "qlora",
-        plugins=[QLoRAPlugin(lora=LoRAConfig(r=4, alpha=8, dropout=0.0))],
+        # fp32 compute: the comparison with one process is then about DDP's averaging, not bf16 rounding of
+        # matmuls whose batch size differs (4 vs 8 rows).
+        plugins=[QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=4, alpha=8, dropout=0.0))],
         callbacks=[AdapterCheckpoint(out / "adapter", every_n_train_steps=0)],
         max_steps=args.steps,
         logger=False,
