@@ -23,7 +23,7 @@ from torch import nn
 from lightning_qlora._atomic import atomic_directory
 from lightning_qlora.adapters import ADAPTER_CONFIG, adapter_root, load_adapter, read_adapter_metadata
 from lightning_qlora.config import COMPUTE_DTYPES, QuantConfig
-from lightning_qlora.lora import LoRALinear, base_linears
+from lightning_qlora.lora import LoRALinear, base_linears, iter_lora_layers
 from lightning_qlora.quantize import dequantize_weight, progress_bar
 
 
@@ -44,13 +44,11 @@ def merged_state_dict(module: nn.Module, dtype: torch.dtype = torch.bfloat16, pr
     root = adapter_root(module)
     linears = base_linears(root)
     state: dict[str, torch.Tensor] = {}
-    merged = 0
     for name, layer in progress_bar(linears, progress, "Merging adapters into the base"):
         wrapper = root.get_submodule(name)
         weight = dequantize_weight(layer).float()
         if isinstance(wrapper, LoRALinear) and not wrapper.merged:
             weight = wrapper.merged_weight(weight)
-            merged += 1
         state[f"{name}.weight"] = weight.to(dtype).cpu()
         if layer.bias is not None:
             state[f"{name}.bias"] = layer.bias.detach().to(dtype).cpu()
@@ -60,7 +58,6 @@ def merged_state_dict(module: nn.Module, dtype: torch.dtype = torch.bfloat16, pr
         if owner in linear_names or ".lora_" in name:
             continue
         state[name] = param.detach().to(dtype).cpu()
-    state["__merged_layers__"] = torch.tensor(merged)
     return state
 
 
@@ -92,7 +89,7 @@ def export_merged(
             "lightning_qlora.export.merged_state_dict(model) and save it yourself."
         )
     state = merged_state_dict(root, dtype, progress=progress)
-    merged_layers = int(state.pop("__merged_layers__"))
+    merged_layers = sum(1 for _, layer in iter_lora_layers(root) if not layer.merged)
     fresh = type(root)(root.config).to(dtype)
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     # Tied heads and non-persistent buffers are expected to be absent from the state dict.

