@@ -8,7 +8,6 @@ implemented here. Plain torch; nothing here knows about Lightning.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
@@ -105,4 +104,3 @@ def bits_per_parameter(stored_bytes: int, num_params: int) -> float:
 
 
 __all__ = ["FORMATS", "Quantized", "bits_per_parameter", "fake_quantize_linears", "reconstruction_errors", "round_trip"]
-

@@ -1,7 +1,6 @@
 """PEFT-format adapters: interchange with PEFT, fingerprint checks, bad files, merge/unmerge, export, atomic saves."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

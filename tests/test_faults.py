@@ -1,10 +1,8 @@
 """The fault matrix (README, Troubleshooting): each row a test."""
 
 import errno
-import os
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
