@@ -142,3 +142,13 @@ def test_config_files_ship_inside_the_wheel(tmp_path):
     for required in ("lightning_qlora/conf/config.yaml", "lightning_qlora/conf/quant/nf4.yaml",
                      "lightning_qlora/conf/experiment/smoke.yaml", "lightning_qlora/conf/__init__.py"):
         assert required in names
+
+
+@pytest.mark.slow
+def test_example_script_runs(tmp_path, smollm2_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "qlora_in_your_own_code.py"), "--max-steps", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PEFT loaded the adapter: 2,442,240 LoRA parameters" in result.stdout

