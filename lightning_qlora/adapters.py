@@ -307,7 +307,7 @@ def _check_fingerprint(facts: dict[str, Any], root: nn.Module, path: Path, stric
     if not saved:
         return  # written by PEFT or another tool: nothing recorded to compare
     current = base_fingerprint(root, base_linears(root))
-    problems = compare_fingerprints(saved, current, str(path))
+    problems = compare_fingerprints(saved, current)
     if not problems:
         return
     message = (

@@ -69,7 +69,7 @@ def base_fingerprint(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> 
     }
 
 
-def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any], adapter: str) -> list[str]:
+def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The differences that mean "another base model", as sentences; empty when they match."""
     problems = []
     for key, what in (("architecture", "architecture"), ("num_linear", "number of linear layers"),
