@@ -23,7 +23,8 @@ from lightning_qlora._atomic import atomic_directory, recover_interrupted_write
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.fingerprint import FingerprintMismatchError, base_fingerprint, compare_fingerprints, describe
 from lightning_qlora.lora import LoRALinear, base_linears, inject_lora, iter_lora_layers
-from lightning_qlora.quantize import is_quantized_linear, quantize_model
+from lightning_qlora.quantize import is_quantized_linear, quant_state_of, quantize_model
+from lightning_qlora.sharding import full_tensor
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def save_adapter(
     *,
     base_model_name_or_path: str | None = None,
     metadata: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the LoRA adapters of ``module`` to ``directory`` in PEFT format, atomically.
 
@@ -80,6 +82,8 @@ def save_adapter(
         directory: created (parents too); an existing adapter there is replaced only once the new one is complete.
         base_model_name_or_path: recorded in ``adapter_config.json`` for ``PeftModel.from_pretrained``.
         metadata: extra JSON-serializable facts stored in the safetensors header (e.g. the training step).
+        state: the tensors from :func:`adapter_state_dict`, when already gathered (FSDP: every rank gathers, one
+            writes); by default they are read from ``module``.
 
     Returns:
         The adapter directory.
@@ -98,10 +102,7 @@ def save_adapter(
         raise ValueError(
             f"{type(root).__name__} has no LoRA adapters to save. Inject them first (QLoRAPlugin or inject_lora)."
         )
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers:
-        for key, tensor in adapter_tensors(layer).items():
-            tensors[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach().cpu().contiguous()
+    tensors = adapter_state_dict(module) if state is None else state
     config = peft_config_dict(root, layers, base_model_name_or_path)
     facts = {
         "library": "lightning_qlora",
@@ -200,6 +201,18 @@ def load_adapter(
     return loaded
 
 
+def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of ``module`` under PEFT's keys, whole and on the CPU.
+
+    Sharded (FSDP) adapters are all-gathered: under FSDP every rank must call this, in the same order.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in iter_lora_layers(adapter_root(module)):
+        for key, tensor in adapter_tensors(layer).items():
+            tensors[f"{PEFT_PREFIX}{name}.{key}"] = full_tensor(tensor.detach()).cpu().contiguous()
+    return tensors
+
+
 def adapter_tensors(layer: LoRALinear) -> dict[str, torch.Tensor]:
     """The trainable tensors of one adapter under PEFT's key suffixes."""
     tensors = {"lora_A.weight": layer.lora_A.weight, "lora_B.weight": layer.lora_B.weight}
@@ -291,11 +304,11 @@ def quantization_settings(root: nn.Module) -> dict[str, Any]:
     """How the base linears of ``root`` are stored: ``{"quant_type": "nf4", "blocksize": 64, ...}`` or ``none``."""
     for _, layer in base_linears(root):
         if is_quantized_linear(layer):
-            weight = layer.weight
+            state = quant_state_of(layer)  # survives FSDP, which replaces the Params4bit weight
             return {
-                "quant_type": weight.quant_type,
-                "blocksize": weight.blocksize,
-                "double_quant": bool(weight.compress_statistics),
+                "quant_type": state.quant_type,
+                "blocksize": state.blocksize,
+                "double_quant": bool(state.nested),
                 "compute_dtype": str(getattr(layer, "compute_dtype", None)),
             }
         return {"quant_type": "none", "dtype": str(layer.weight.dtype)}

@@ -17,9 +17,14 @@ import torch
 
 QuantType = Literal["nf4", "fp4", "none"]
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
+QuantStorage = Literal["auto", "uint8", "bf16", "fp16", "fp32"]
 
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4", "none")
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The tensor dtypes packed 4-bit bytes can be stored as ("auto": uint8, or the compute dtype under FSDP).
+QUANT_STORAGES: dict[str, torch.dtype | None] = {
+    "auto": None, "uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32
+}
 # The blocksizes bitsandbytes' 4-bit kernels accept (bitsandbytes.functional.quantize_4bit).
 SUPPORTED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 ALL_LINEAR = "all-linear"
@@ -46,6 +51,10 @@ class QuantConfig:
         compute_dtype: dtype the dequantized weights are multiplied in: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
         blocksize: number of weights that share one absmax constant. Smaller is more precise and costs more bits.
         skip_modules: linear layers whose qualified name ends with one of these stay unquantized and get no adapter.
+        quant_storage: the dtype the packed 4-bit bytes are stored as: ``"uint8"``, ``"bf16"``, ``"fp16"``,
+            ``"fp32"``, or ``"auto"`` (uint8 on one device and under DDP; the compute dtype under FSDP, which shards
+            and casts every parameter of a block as one dtype). The bytes are the same; only the tensor's dtype
+            differs.
 
     Raises:
         ConfigError: listing every invalid value at once.
@@ -60,6 +69,7 @@ class QuantConfig:
     compute_dtype: ComputeDtype = "bf16"
     blocksize: int = 64
     skip_modules: Sequence[str] = ("lm_head",)
+    quant_storage: QuantStorage = "auto"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -87,12 +97,22 @@ class QuantConfig:
                 f"blocksize={self.blocksize} is not supported by bitsandbytes' 4-bit kernels. "
                 f"Use one of {list(SUPPORTED_BLOCKSIZES)} (64 is the QLoRA default)."
             )
+        if not _is_one_of(self.quant_storage, QUANT_STORAGES):
+            problems.append(
+                f"quant_storage={self.quant_storage!r} is not supported. Use one of {list(QUANT_STORAGES)} "
+                "('auto' picks uint8, or the compute dtype under FSDP)."
+            )
         if problems:
             raise ConfigError("QuantConfig", problems)
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
         return COMPUTE_DTYPES[self.compute_dtype]
+
+    @property
+    def torch_quant_storage(self) -> torch.dtype:
+        """The packed weights' tensor dtype (``"auto"`` means uint8 here; the FSDP strategy resolves it first)."""
+        return QUANT_STORAGES.get(self.quant_storage) or torch.uint8
 
     @property
     def quantized(self) -> bool:

@@ -88,4 +88,4 @@ def describe(fingerprint: dict[str, Any]) -> str:
 
 
 def _is_packed(module: nn.Module) -> bool:
-    return getattr(module.weight, "quant_state", None) is not None
+    return getattr(module.weight, "quant_state", None) is not None or getattr(module, "quant_state", None) is not None

@@ -16,15 +16,15 @@ from torch import nn
 
 from lightning_qlora.config import ALL_LINEAR, LoRAConfig
 from lightning_qlora.quantize import (
-    progress_bar,
-    restore_training_layout,
     dequantize_weight,
-    is_quantized_linear,
-    set_quantized_weight,
     is_adapter_parameter,
+    is_quantized_linear,
     is_skipped,
     iter_linears,
+    progress_bar,
     replace_submodule,
+    restore_training_layout,
+    set_quantized_weight,
 )
 
 # Adapters are stored and updated in fp32: their optimizer updates are tiny relative to their values and would round
@@ -143,7 +143,9 @@ class LoRALinear(nn.Module):
             self._unmerged_weight = (base.weight, base.quant_state)
             merged = self.merged_weight(dequantize_weight(base).float())
             weight = base.weight
-            set_quantized_weight(base, merged, weight.quant_type, weight.blocksize, weight.compress_statistics)
+            set_quantized_weight(
+                base, merged, weight.quant_type, weight.blocksize, weight.compress_statistics, weight.dtype
+            )
         else:
             self._unmerged_weight = base.weight.data.clone()
             base.weight.data.copy_(self.merged_weight(base.weight.data.float()))

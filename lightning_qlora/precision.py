@@ -198,6 +198,8 @@ def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
     for name, param in model.named_parameters():
         if is_adapter_parameter(name) or param.is_meta or not param.is_floating_point() or param.dtype == dtype:
             continue
+        if getattr(param, "quant_state", None) is not None:
+            continue  # packed 4-bit bytes stored as a float dtype (quant_storage): a cast would destroy them
         param.data = param.data.to(dtype)
 
 

@@ -165,7 +165,7 @@ def quantized_nbytes(module: nn.Module) -> int:
     """Bytes a 4-bit linear actually stores: packed weight, absmax, nested statistics, code books and bias."""
     weight = module.weight
     total = weight.numel() * weight.element_size()
-    state = getattr(weight, "quant_state", None)
+    state = quant_state_of(module)
     if state is not None:
         for value in state.as_dict(packed=True).values():
             if isinstance(value, torch.Tensor):
@@ -181,7 +181,17 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
         return module.weight.detach()
     bnb = import_bitsandbytes()
     restore_training_layout(module)
-    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return bnb.functional.dequantize_4bit(module.weight.data, quant_state_of(module))
+
+
+def quant_state_of(module: nn.Module) -> Any:
+    """The bitsandbytes ``QuantState`` of a 4-bit linear (``None`` for other layers).
+
+    It normally rides on the weight (``Params4bit``); FSDP replaces the weight by a plain (sharded or gathered)
+    tensor, so the copy kept on the module is the fallback.
+    """
+    state = getattr(module.weight, "quant_state", None)
+    return state if state is not None else getattr(module, "quant_state", None)
 
 
 def packed_bytes(module: nn.Module) -> torch.Tensor:
@@ -198,10 +208,12 @@ def _quantize_linear(linear: nn.Linear, weight: torch.Tensor, config: QuantConfi
         compute_dtype=config.torch_compute_dtype,
         compress_statistics=config.double_quant,
         quant_type=config.quant_type,
-        quant_storage=torch.uint8,
+        quant_storage=config.torch_quant_storage,
         device="meta",
     )
-    set_quantized_weight(layer, weight, config.quant_type, config.blocksize, config.double_quant)
+    set_quantized_weight(
+        layer, weight, config.quant_type, config.blocksize, config.double_quant, config.torch_quant_storage
+    )
     if linear.bias is not None:
         bias = linear.bias.detach().to(device) if not linear.bias.is_meta else torch.zeros(linear.out_features, device=device)
         layer.bias = nn.Parameter(bias.to(config.torch_compute_dtype), requires_grad=False)
@@ -209,16 +221,25 @@ def _quantize_linear(linear: nn.Linear, weight: torch.Tensor, config: QuantConfi
 
 
 def set_quantized_weight(
-    layer: nn.Module, weight: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
+    layer: nn.Module,
+    weight: torch.Tensor,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> None:
-    """Quantize ``weight`` (``out_features x in_features``, any float dtype) into ``layer``'s 4-bit storage."""
+    """Quantize ``weight`` (``out_features x in_features``, any float dtype) into ``layer``'s 4-bit storage.
+
+    ``quant_storage`` is only the tensor dtype the packed bytes are viewed as (FSDP needs it to match the dtype it
+    shards and casts the block's parameters in); the bytes are the same.
+    """
     bnb = import_bitsandbytes()
     packed, quant_state = bnb.functional.quantize_4bit(
         weight.contiguous(),
         blocksize=blocksize,
         compress_statistics=double_quant,
         quant_type=quant_type,
-        quant_storage=torch.uint8,
+        quant_storage=quant_storage,
     )
     layer.weight = bnb.nn.Params4bit(
         packed,
@@ -227,7 +248,7 @@ def set_quantized_weight(
         blocksize=blocksize,
         compress_statistics=double_quant,
         quant_type=quant_type,
-        quant_storage=torch.uint8,
+        quant_storage=quant_storage,
         module=layer,
         bnb_quantized=True,
     )
@@ -319,7 +340,7 @@ def _linear4bit_class() -> type[nn.Module]:
             input_dtype = x.dtype
             x = x.to(self.compute_dtype)
             bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-            out = bnb.matmul_4bit(x, self.weight.t(), bias=bias, quant_state=self.weight.quant_state)
+            out = bnb.matmul_4bit(x, self.weight.t(), bias=bias, quant_state=quant_state_of(self))
             return out.to(input_dtype)
 
     return QLoRALinear4bit

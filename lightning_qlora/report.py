@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora.fidelity import FORMATS, bits_per_parameter, fake_quantize_linears, reconstruction_errors, round_trip
+from lightning_qlora.fidelity import (
+    FORMATS,
+    bits_per_parameter,
+    fake_quantize_linears,
+    reconstruction_errors,
+    round_trip,
+)
 from lightning_qlora.models.pretrained import DEFAULT_MODEL, resolve_pretrained
 
 _GGUF_NOTE = (

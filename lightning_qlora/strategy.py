@@ -1,23 +1,27 @@
-"""QLoRA strategies: ``strategy="qlora"`` (one device) and ``strategy="qlora_ddp"`` (Lightning's DDP)."""
+"""QLoRA strategies: ``"qlora"`` (one device), ``"qlora_ddp"`` (Lightning's DDP), ``"qlora_fsdp"`` (Lightning's FSDP2)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_qlora.adapters import adapter_root
 from lightning_qlora.checkpoint_io import AtomicCheckpointIO
 from lightning_qlora.precision import QLoRAPlugin
+from lightning_qlora.sharding import QuantStorageMismatchError, copy_full_into, full_tensor, shard_model, shard_units
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,12 @@ class _QLoRAStrategyMixin:
 
     @override
     def setup(self, trainer: Trainer) -> None:
+        plugin = self._qlora_plugin()
+        super().setup(trainer)
+        self._log_conversion(trainer, plugin)
+
+    def _qlora_plugin(self) -> QLoRAPlugin:
+        """The QLoRAPlugin (the default one when no precision was given), set to quantize on this device."""
         plugin = self.precision_plugin
         if type(plugin) is Precision:
             # No precision flag was given: the strategy alone means QLoRA with the defaults.
@@ -50,7 +60,9 @@ class _QLoRAStrategyMixin:
         plugin.quantize_device = self.root_device
         if self.root_device.type == "cpu" and not _warned_cpu:
             _warn_cpu_once()
-        super().setup(trainer)
+        return plugin
+
+    def _log_conversion(self, trainer: Trainer, plugin: QLoRAPlugin) -> None:
         if trainer.state.fn == TrainerFn.FITTING and plugin.summary is not None:
             for logger in trainer.loggers:  # the conversion summary, once per fit, as metrics
                 logger.log_metrics(plugin.summary.as_metrics(), step=trainer.global_step)
@@ -144,6 +156,113 @@ class QLoRADDPStrategy(_QLoRAStrategyMixin, DDPStrategy):
         super().__init__(**kwargs)
 
 
+class QLoRAFSDPStrategy(_QLoRAStrategyMixin, ModelParallelStrategy):
+    """Fully sharded QLoRA through Lightning's own FSDP2 strategy: ``Trainer(strategy="qlora_fsdp", devices=N)``.
+
+    Each rank builds the model (on the meta device for large ones), quantizes it layer by layer on its device with
+    the packed 4-bit bytes stored in the compute dtype (``quant_storage``), injects LoRA, then shards every
+    transformer block and the rest with ``fully_shard`` over all ranks: each GPU keeps ``1/N`` of the 4-bit base and
+    of the adapters and their optimizer state. A packed weight stored in any other dtype is refused
+    (:class:`~lightning_qlora.sharding.QuantStorageMismatchError`): FSDP would cast its bytes and destroy it.
+
+    Checkpoints (``.ckpt``) hold the whole adapters and optimizer state gathered to rank zero, one file, never the
+    base; :class:`~lightning_qlora.AdapterCheckpoint` writes a normal PEFT adapter. Launching is Lightning's.
+
+    Args:
+        shard_modules: class names of the modules sharded as units (default: the model's transformer blocks).
+        reshard_after_forward: free gathered weights after each block's forward (less memory, one more all-gather
+            in backward). ``False`` trades memory for speed.
+        **kwargs: passed to Lightning's ``ModelParallelStrategy`` (``data_parallel_size``, ``process_group_backend``,
+            ``timeout``).
+
+    Example:
+        >>> trainer = Trainer(strategy="qlora_fsdp", accelerator="gpu", devices=2)  # doctest: +SKIP
+    """
+
+    strategy_name = "qlora_fsdp"
+
+    def __init__(
+        self, shard_modules: list[str] | None = None, reshard_after_forward: bool = True, **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("save_distributed_checkpoint", False)  # one adapter-only file, not a folder of shards
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(**kwargs)
+        self.checkpoint_io = AtomicCheckpointIO()
+        self.shard_modules = list(shard_modules) if shard_modules else None
+        self.reshard_after_forward = reshard_after_forward
+        self.sharded_units: list[str] = []
+
+    @override
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto" and self._tensor_parallel_size == 1:
+            self._data_parallel_size = self.num_nodes * self.num_processes  # pure FSDP: shard over every rank
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        plugin = self._qlora_plugin()
+        _resolve_quant_storage_for_fsdp(plugin)
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self.model = plugin.convert_module(self.model)  # quantize layer by layer on this rank's device, inject LoRA
+        _materialize_meta(self.model, self.root_device)
+        self.model.to(self.root_device)
+        root = adapter_root(self.model)
+        units = shard_units(root, self.shard_modules)
+        sharded = shard_model(root, self.device_mesh["data_parallel"], plugin.dtype, units,
+                              reshard_after_forward=self.reshard_after_forward)
+        self.sharded_units = sharded or self.sharded_units
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        self._log_conversion(trainer, plugin)
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return True  # through load_optimizer_state_dict below, after the adapters are loaded
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # Adapter-only checkpoints are small: every rank reads the whole file and takes its shards from it.
+        path = self.broadcast(checkpoint_path)
+        return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        from lightning.fabric.strategies.model_parallel import _rekey_optimizer_state_if_needed
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        assert self.model is not None
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            if not state["state"]:  # a stateless optimizer (e.g. SGD without momentum): only hyperparameters
+                for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+                    group.update({k: v for k, v in saved.items() if k != "params"})
+                continue
+            state = _rekey_optimizer_state_if_needed(state, self.model)
+            set_optimizer_state_dict(
+                self.model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+            )
+
+
+def _resolve_quant_storage_for_fsdp(plugin: QLoRAPlugin) -> None:
+    """Under FSDP the packed bytes must be stored in the compute dtype: pick it for "auto", refuse anything else."""
+    quant = plugin.quant
+    if not quant.quantized or quant.quant_storage == quant.compute_dtype:
+        return
+    if quant.quant_storage != "auto":
+        raise QuantStorageMismatchError(
+            f"strategy='qlora_fsdp' needs QuantConfig(quant_storage=...) equal to the compute dtype "
+            f"{quant.compute_dtype!r}, but it is {quant.quant_storage!r}: FSDP gathers every parameter as "
+            f"{quant.compute_dtype} and would cast the packed 4-bit bytes as numbers, destroying them. Use "
+            f"quant_storage='auto' or {quant.compute_dtype!r}."
+        )
+    plugin.quant = replace(quant, quant_storage=quant.compute_dtype)
+
+
 class QLoRAOutOfMemoryError(torch.cuda.OutOfMemoryError):
     """CUDA ran out of memory; the message has the measured peak and the settings that lower it."""
 
@@ -181,8 +300,11 @@ def _warn_cpu_once() -> None:
 
 
 def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that require grad (the adapters), detached, keyed by qualified name."""
-    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+    """The parameters that require grad (the adapters), detached and whole, keyed by qualified name.
+
+    Sharded (FSDP) parameters are all-gathered, so under FSDP every rank must call this.
+    """
+    return {name: full_tensor(p.detach()) for name, p in module.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state_dict(module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -212,7 +334,7 @@ def load_trainable_state_dict(module: nn.Module, state: dict[str, torch.Tensor],
                     f"Checkpoint weight {name!r} has shape {tuple(value.shape)} but the model's has "
                     f"{tuple(target.shape)}: the checkpoint was saved with another rank or model."
                 )
-            target.copy_(value.to(device=target.device, dtype=target.dtype))
+            copy_full_into(target, value)
 
 
 def _materialize_meta(model: nn.Module, device: torch.device) -> None:
@@ -238,6 +360,7 @@ def _register() -> None:
     descriptions = {
         QLoRAStrategy: "QLoRA on one device: 4-bit base converted on the device, adapter-only checkpoints",
         QLoRADDPStrategy: "QLoRA data-parallel through Lightning's DDP: each rank quantizes, adapters all-reduced",
+        QLoRAFSDPStrategy: "QLoRA fully sharded through Lightning's FSDP2: 4-bit base and adapters sharded over ranks",
     }
     for cls, description in descriptions.items():
         if cls.strategy_name not in StrategyRegistry:

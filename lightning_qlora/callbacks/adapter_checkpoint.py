@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_qlora.adapters import save_adapter
+from lightning_qlora.adapters import adapter_state_dict, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,13 @@ class AdapterCheckpoint(Callback):
         """Save the adapters under ``dirpath/name`` (and refresh ``dirpath/last``), on rank zero only."""
         assert self.dirpath is not None
         names = [name] + (["last"] if self.save_last and name != "last" else [])
+        state = adapter_state_dict(pl_module)  # on every rank: sharded (FSDP) adapters are gathered collectively
         if trainer.is_global_zero:
             metadata = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
             for each in names:
                 path = save_adapter(
                     pl_module, self.dirpath / each, base_model_name_or_path=self.base_model_name_or_path,
-                    metadata=metadata,
+                    metadata=metadata, state=state,
                 )
                 size = sum(f.stat().st_size for f in path.iterdir())
                 rank_zero_info(f"Adapter saved to {path} ({size / 2**20:.1f} MiB, step {trainer.global_step})")

@@ -15,10 +15,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from lightning_qlora.data.examples import Example
-
 from lightning_qlora._atomic import atomic_directory
 from lightning_qlora._paths import cache_dir
+from lightning_qlora.data.examples import Example
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,125 @@
+"""Shard a converted QLoRA model with FSDP2 (``torch.distributed.fsdp.fully_shard``), and read/write its adapters.
+
+Plain torch, nothing here knows about Lightning. FSDP all-gathers each unit's parameters as one dtype (the mixed
+precision ``param_dtype``) and casts every parameter stored in another dtype. A packed 4-bit weight is bytes, not
+numbers: cast from uint8 to bf16 it silently becomes garbage. So the packed weights must be *stored* in the
+parameter dtype (``QuantConfig(quant_storage=...)``, bitsandbytes' ``quant_storage``); :func:`shard_model` checks
+that and refuses otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qlora.quantize import is_quantized_linear, iter_linears
+
+
+class QuantStorageMismatchError(ValueError):
+    """Packed 4-bit weights are stored in a dtype FSDP would cast (which destroys them)."""
+
+
+def shard_units(root: nn.Module, names: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The modules FSDP shards as separate units (each all-gathered only around its own forward and backward).
+
+    Args:
+        root: the model.
+        names: class names of the units (e.g. ``["LlamaDecoderLayer"]``). ``None``: every element of the model's
+            longest ``nn.ModuleList`` that holds a linear layer, i.e. the transformer blocks.
+    """
+    if names:
+        wanted = set(names)
+        units = [(n, m) for n, m in root.named_modules() if n and type(m).__name__ in wanted]
+        if not units:
+            found = sorted({type(m).__name__ for _, m in root.named_modules()})
+            raise ValueError(
+                f"shard_modules={list(names)} matches no module of {type(root).__name__}. Module classes in this "
+                f"model: {found[:20]}."
+            )
+        return units
+    lists = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        return []
+    list_name, longest = max(lists, key=lambda item: len(item[1]))
+    return [
+        (f"{list_name}.{i}", block)
+        for i, block in enumerate(longest)
+        if any(isinstance(m, nn.Linear) for m in block.modules())
+    ]
+
+
+def check_quant_storage(model: nn.Module, param_dtype: torch.dtype) -> None:
+    """Refuse packed 4-bit weights whose storage dtype differs from ``param_dtype`` (FSDP would cast the bytes).
+
+    Raises:
+        QuantStorageMismatchError: naming the layers, their storage dtype and the fix.
+    """
+    wrong = [
+        (name, module.weight.dtype)
+        for name, module in iter_linears(model)
+        if is_quantized_linear(module) and module.weight.dtype != param_dtype
+    ]
+    if wrong:
+        examples = ", ".join(f"{name} ({dtype})" for name, dtype in wrong[:3])
+        raise QuantStorageMismatchError(
+            f"{len(wrong)} 4-bit layer(s) store their packed weights as a dtype other than FSDP's parameter dtype "
+            f"{param_dtype}: {examples}. FSDP would cast those bytes as if they were numbers and silently destroy "
+            f"the weights, so this is refused. Quantize with QuantConfig(quant_storage='auto') (the compute dtype "
+            "under FSDP) or set quant_storage to the compute dtype (bitsandbytes: bnb_4bit_quant_storage)."
+        )
+
+
+def shard_model(
+    root: nn.Module,
+    mesh: Any,
+    param_dtype: torch.dtype,
+    units: list[tuple[str, nn.Module]] | None = None,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+) -> list[str]:
+    """Apply ``fully_shard`` to each unit (default: :func:`shard_units`), then to ``root``; returns the unit names.
+
+    Parameters are gathered in ``param_dtype`` (the compute dtype: fp32 adapter masters are cast down for the
+    forward) and adapter gradients reduced in ``reduce_dtype``. Calling it on an already sharded model does nothing.
+
+    Raises:
+        QuantStorageMismatchError: see :func:`check_quant_storage`.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if isinstance(root, FSDPModule):
+        return []
+    check_quant_storage(root, param_dtype)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    units = shard_units(root) if units is None else units
+    for _, unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return [name for name, _ in units]
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor (an FSDP2-sharded parameter)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: all-gathered for a sharded one (a collective: every rank must call it), else ``tensor``."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into ``target``, which may be sharded (then every rank passes the same whole ``value``)."""
+    with torch.no_grad():
+        value = value.to(device=target.device, dtype=target.dtype)
+        if is_sharded(target):
+            from torch.distributed.tensor import distribute_tensor
+
+            # Every rank holds the whole value, so each takes its own shard (no communication).
+            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+        target.copy_(value)
