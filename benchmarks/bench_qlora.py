@@ -1,6 +1,7 @@
 """lightning_qlora's side of the H200 benchmark: the same Llama shapes, tokens and optimizer as the anchors.
 
     python benchmarks/bench_qlora.py --shape 7b --seq 2048 --rank 16 --ckpt 1 [--quant nf4|none] [--steps 8]
+        [--optim adamw|paged_adamw_8bit]
 
 Builds the model on the meta device, quantizes it layer by layer on the GPU with lightning_qlora.quantize_model (a
 7B or 65B model never exists in bf16), injects LoRA on all linear layers (r, alpha=2r, dropout 0.05, as the PEFT
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--ckpt", type=int, default=1)
+    ap.add_argument("--optim", default="adamw", choices=["adamw", "paged_adamw_8bit"])
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     ap.add_argument("--memory-report", type=int, default=0, help="print allocated/reserved GiB around the first steps")
     a = ap.parse_args()
@@ -75,7 +77,12 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     setup_s = time.time() - t0
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if a.optim == "paged_adamw_8bit":  # the QLoRA paper's optimizer: 8-bit states, paged to the CPU under pressure
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.PagedAdamW8bit(params, lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     model.train()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     static = torch.cuda.memory_allocated() if cuda else 0
@@ -110,7 +117,7 @@ def main() -> None:
     dt = (time.time() - t) / a.steps
     print(json.dumps(dict(
         system="lightning_qlora" if a.quant != "none" else "lightning_qlora-bf16-lora", quant=a.quant, shape=a.shape,
-        seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, trainable=trainable, setup_s=round(setup_s, 1),
+        seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, optim=a.optim, trainable=trainable, setup_s=round(setup_s, 1),
         static_gib=round(static / 2**30, 2), peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None, step_s=round(dt, 4),
         tok_s=round(a.bs * a.seq / dt), loss=float(loss))), flush=True)
