@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--ckpt", type=int, default=1)
     ap.add_argument("--optim", default="adamw", choices=["adamw", "paged_adamw_8bit"])
+    ap.add_argument("--fused", type=int, default=-1, help="LoRALinear.fused: 1 on, 0 the plain path, -1 auto (CUDA)")
+    ap.add_argument("--compile", type=int, default=0, help="torch.compile each decoder layer")
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     ap.add_argument("--memory-report", type=int, default=0, help="print allocated/reserved GiB around the first steps")
     a = ap.parse_args()
@@ -70,7 +72,13 @@ def main() -> None:
     device = a.device
     cuda = device.startswith("cuda")
     t0 = time.time()
+    from lightning_qlora.lora import LoRALinear
+
+    LoRALinear.fused = None if a.fused < 0 else bool(a.fused)
     model = build(a.shape, a.quant, a.rank, device)
+    if a.compile:
+        for layer in model.model.layers:
+            layer.compile()
     if a.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -117,7 +125,7 @@ def main() -> None:
     dt = (time.time() - t) / a.steps
     print(json.dumps(dict(
         system="lightning_qlora" if a.quant != "none" else "lightning_qlora-bf16-lora", quant=a.quant, shape=a.shape,
-        seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, optim=a.optim, trainable=trainable, setup_s=round(setup_s, 1),
+        seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, optim=a.optim, fused=a.fused, compile=a.compile, trainable=trainable, setup_s=round(setup_s, 1),
         static_gib=round(static / 2**30, 2), peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None, step_s=round(dt, 4),
         tok_s=round(a.bs * a.seq / dt), loss=float(loss))), flush=True)

@@ -5,7 +5,8 @@
 Runs every configuration below as its own process (ours: benchmarks/bench_qlora.py; the anchors unchanged), in
 pairs so that each ratio compares runs minutes apart on the same machine. After each process the results file is
 rewritten, so a run cut short keeps what finished. At the end it prints (and writes next to the JSON, as .md) the
-table for benchmarks/README.md with every ratio and the targets P1-P4. ``--only 7b`` or ``--only 65b`` runs a part.
+table for benchmarks/README.md with every ratio and the targets P1-P4 (judged on our default settings; the
+``-plain`` and ``-compile`` rows measure one change each). ``--only 7b`` or ``--only 65b`` runs a part.
 """
 
 from __future__ import annotations
@@ -29,12 +30,20 @@ RUNS: list[tuple[str, str, str, list[str]]] = [
                                           "--ckpt", "1"]),
     ("7b-ckpt-ours-bf16", "7b", "lightning_qlora bf16 LoRA", [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16",
                                                              "--ckpt", "1", "--quant", "none"]),
+    ("7b-ckpt-ours-plain", "7b", "lightning_qlora nf4-dq, plain (unfused) path",
+     [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "1", "--fused", "0"]),
+    ("7b-ckpt-ours-compile", "7b", "lightning_qlora nf4-dq, torch.compile per block",
+     [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "1", "--compile", "1"]),
     ("7b-nockpt-ours", "7b", "lightning_qlora nf4-dq", [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16",
                                                         "--ckpt", "0"]),
     ("7b-nockpt-litgpt", "7b", "LitGPT nf4-dq", ["{anchors}/litgpt_qlora.py", "--quant", "nf4-dq", "--name",
                                                   "Llama-2-7b-hf", "--seq", "2048", "--rank", "16"]),
     ("7b-nockpt-ours-bf16", "7b", "lightning_qlora bf16 LoRA", [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16",
                                                                "--ckpt", "0", "--quant", "none"]),
+    ("7b-nockpt-ours-plain", "7b", "lightning_qlora nf4-dq, plain (unfused) path",
+     [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "0", "--fused", "0"]),
+    ("7b-nockpt-ours-compile", "7b", "lightning_qlora nf4-dq, torch.compile per block",
+     [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "0", "--compile", "1"]),
     ("65b-ours", "65b", "lightning_qlora nf4-dq", [OURS, "--shape", "65b", "--seq", "512", "--rank", "64", "--ckpt", "1"]),
     ("65b-peft", "65b", "PEFT + bnb", ["{anchors}/peft_qlora.py", "--shape", "65b", "--seq", "512", "--rank", "64",
                                        "--ckpt", "1"]),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.config import ALL_LINEAR, LoRAConfig
+from lightning_qlora.kernels.fused_lora import fused_lora_linear, supports_fused
 from lightning_qlora.quantize import (
     dequantize_weight,
     is_adapter_parameter,
@@ -94,7 +95,20 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    # The fused path (one autograd node, lightning_qlora.kernels.fused_lora): None = on CUDA only (the plain path
+    # stays the CPU default and the reference). Set True/False on the class or an instance to force either.
+    fused: bool | None = None
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        if self.use_dora or self.merged:
+            return False
+        enabled = self.fused if self.fused is not None else x.is_cuda
+        return bool(enabled) and supports_fused(self.base_layer, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_fused(x):
+            p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            return fused_lora_linear(x, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling, p)
         result = self.base_layer(x)
         if self.merged:
             return result
