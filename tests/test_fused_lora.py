@@ -102,3 +102,25 @@ def test_training_a_llama_with_the_fused_path_follows_the_plain_path(tiny_llama)
     assert plain[-1] < plain[0] and fused[-1] < fused[0]
     for p, f in zip(plain, fused):
         assert abs(p - f) / p < 1e-2, (plain, fused)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_fused_is_the_cuda_default_and_matches_the_plain_path_there(dropout):
+    torch.manual_seed(0)
+    base = nn.Linear(128, 96, bias=True)
+    holder = nn.Sequential(base)
+    quantize_model(holder, QuantConfig(skip_modules=()), device="cuda")
+    layer = LoRALinear(holder[0], r=8, lora_alpha=16, dropout=dropout).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.05)
+    x = torch.randn(2, 7, 128, device="cuda", dtype=torch.bfloat16)
+    weights = torch.randn(2, 7, 96, device="cuda")
+    layer.fused = None
+    assert layer._use_fused(x)  # on by default on CUDA
+    plain = _run(layer, False, x, weights)
+    fused = _run(layer, True, x, weights)
+    assert type(fused[-1].grad_fn).__name__ == "FusedLoRALinearBackward"
+    for name, f, p in zip(["output", "grad x", "grad A", "grad B"], fused[:4], plain[:4]):
+        assert _rel(f, p) < 2e-2, (name, _rel(f, p))
