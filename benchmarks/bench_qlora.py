@@ -76,9 +76,10 @@ def main() -> None:
 
     LoRALinear.fused = None if a.fused < 0 else bool(a.fused)
     model = build(a.shape, a.quant, a.rank, device)
-    if a.compile:
-        for layer in model.model.layers:
-            layer.compile()
+    if a.compile:  # what QLoRAPlugin(compile=True) does after conversion
+        from lightning_qlora.kernels import compile_blocks
+
+        compile_blocks(model)
     if a.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

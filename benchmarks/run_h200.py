@@ -34,6 +34,8 @@ RUNS: list[tuple[str, str, str, list[str]]] = [
      [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "1", "--fused", "0"]),
     ("7b-ckpt-ours-compile", "7b", "lightning_qlora nf4-dq, torch.compile per block",
      [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "1", "--compile", "1"]),
+    ("7b-ckpt-ours-bf16-compile", "7b", "lightning_qlora bf16 LoRA, torch.compile per block",
+     [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "1", "--quant", "none", "--compile", "1"]),
     ("7b-nockpt-ours", "7b", "lightning_qlora nf4-dq", [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16",
                                                         "--ckpt", "0"]),
     ("7b-nockpt-litgpt", "7b", "LitGPT nf4-dq", ["{anchors}/litgpt_qlora.py", "--quant", "nf4-dq", "--name",
@@ -153,6 +155,7 @@ def main() -> None:
     ap.add_argument("--anchors", default=str(HERE.parent.parent / "shared" / "anchors"))
     ap.add_argument("--out", default=str(HERE / "results" / f"{datetime.date.today()}-h200.json"))
     ap.add_argument("--only", choices=["7b", "65b"], default=None)
+    ap.add_argument("--runs", default=None, help="comma-separated run ids (default: all)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per process")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     a = ap.parse_args()
@@ -167,7 +170,7 @@ def main() -> None:
     except ImportError:
         pass
     for run_id, group, system, args in RUNS:
-        if a.only and group != a.only:
+        if (a.only and group != a.only) or (a.runs and run_id not in a.runs.split(",")):
             continue
         argv = [arg.replace("{anchors}", a.anchors) for arg in args]
         if a.dry_run:

@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = instantiate(cfg.model, name_or_path=model_path)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    plugin = QLoRAPlugin(quant=quant, lora=lora)
+    plugin = QLoRAPlugin(quant=quant, lora=lora, compile=bool(cfg.get("compile", False)))
     trainer = instantiate(cfg.trainer, plugins=[plugin], callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

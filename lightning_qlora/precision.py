@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_qlora.adapters import adapter_root
 from lightning_qlora.config import LoRAConfig, QuantConfig
+from lightning_qlora.kernels.compile import compile_blocks
 from lightning_qlora.lora import inject_lora, mark_only_lora_as_trainable
 from lightning_qlora.quantize import QuantizationReport, is_adapter_parameter, quantize_model
 
@@ -85,6 +86,9 @@ class QLoRAPlugin(Precision):
         quant: quantization settings; ``QuantConfig()`` by default. ``QuantConfig(quant_type="none")`` keeps the
             base in ``compute_dtype`` unquantized (plain LoRA, same code path).
         lora: adapter settings; ``LoRAConfig()`` by default. ``None`` only quantizes and freezes.
+        compile: ``torch.compile`` each transformer block after conversion (``True``, or a dict of ``torch.compile``
+            arguments such as ``{"mode": "max-autotune-no-cudagraphs"}``). Faster steps on CUDA (numbers in
+            ``benchmarks/README.md``); the first steps pay the compile time. Off by default.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -96,15 +100,23 @@ class QLoRAPlugin(Precision):
 
     precision = "bf16-true"
 
-    def __init__(self, quant: QuantConfig | None = None, lora: LoRAConfig | None | _Default = DEFAULT) -> None:
+    def __init__(
+        self,
+        quant: QuantConfig | None = None,
+        lora: LoRAConfig | None | _Default = DEFAULT,
+        compile: bool | dict[str, Any] = False,
+    ) -> None:
         if isinstance(lora, _Default):
             lora = LoRAConfig()
         if quant is not None and not isinstance(quant, QuantConfig):
             raise TypeError(f"QLoRAPlugin(quant={quant!r}) must be a QuantConfig, e.g. QuantConfig(quant_type='nf4').")
         if lora is not None and not isinstance(lora, LoRAConfig):
             raise TypeError(f"QLoRAPlugin(lora={lora!r}) must be a LoRAConfig or None, e.g. LoRAConfig(r=16).")
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"QLoRAPlugin(compile={compile!r}) must be True, False or a dict of torch.compile arguments.")
         self.quant = quant or QuantConfig()
         self.lora = lora
+        self.compile = compile
         self.precision = {"bf16": "bf16-true", "fp16": "16-true", "fp32": "32-true"}[self.quant.compute_dtype]
         self.dtype = self.quant.torch_compute_dtype
         # Where the 4-bit weights are built. QLoRAStrategy sets its root device here so that conversion happens on
@@ -122,6 +134,8 @@ class QLoRAPlugin(Precision):
             # Quantize before injecting LoRA: the adapters must stay in full precision to get gradients.
             adapted = inject_lora(root, self.lora, skip_modules=self.quant.skip_modules)
             mark_only_lora_as_trainable(module)
+        if self.compile:
+            compile_blocks(root, **(self.compile if isinstance(self.compile, dict) else {}))
         if not (report.quantized or adapted) and self.summary is not None:
             return module  # already converted (e.g. validate() before fit()): keep the first summary
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -144,3 +144,24 @@ def test_plugin_arguments_are_type_checked():
         QLoRAPlugin(quant={"quant_type": "nf4"})
     with pytest.raises(TypeError, match=r"must be a LoRAConfig or None"):
         QLoRAPlugin(lora=16)
+
+
+def test_compile_option_compiles_each_block_and_trains_like_eager(tiny_llama_config):
+    # aot_eager: the real torch.compile graph capture (dynamo + AOT autograd) around bitsandbytes' ops, without
+    # inductor's C++ build time on CI; inductor is what runs on CUDA (benchmarks/README.md).
+    def fit(compile_setting):
+        module = CausalLMModule(tiny_llama_config, lr=1e-2)
+        torch.manual_seed(5)
+        fast_trainer(max_steps=6, plugins=[QLoRAPlugin(compile=compile_setting)]).fit(module, token_loader())
+        return module
+
+    eager = fit(False)
+    compiled = fit({"backend": "aot_eager"})
+    layers = compiled.model.model.layers
+    assert all(getattr(block, "_compiled_call_impl", None) is not None for block in layers)
+    assert getattr(compiled.model.model.embed_tokens, "_compiled_call_impl", None) is None
+    assert compiled.losses[-1] < compiled.losses[0]
+    for e, c in zip(eager.losses, compiled.losses):
+        assert abs(e - c) / e < 2e-2, (eager.losses, compiled.losses)
+    with pytest.raises(TypeError, match="compile="):
+        QLoRAPlugin(compile="yes")
