@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch import seed_everything
 
-    from lightning_qlora.adapters import save_adapter
+    from lightning_qlora.adapters import adapter_state_dict, save_adapter
     from lightning_qlora.callbacks import AdapterCheckpoint, PeakMemoryMonitor, TrainingCurves
     from lightning_qlora.models.pretrained import resolve_pretrained
     from lightning_qlora.precision import QLoRAPlugin
@@ -78,7 +78,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     adapter_cb = _find(callbacks, AdapterCheckpoint)
     adapter_dir = adapter_cb.last_path if adapter_cb and adapter_cb.last_path else None
     if adapter_dir is None:
-        adapter_dir = save_adapter(module, run_dir / "adapter", metadata={"global_step": trainer.global_step})
+        state = adapter_state_dict(module)  # every rank: under FSDP the adapters are gathered collectively
+        adapter_dir = run_dir / "adapter"
+        if trainer.is_global_zero:
+            save_adapter(module, adapter_dir, metadata={"global_step": trainer.global_step}, state=state)
+        trainer.strategy.barrier("lightning-qlora adapter")
     memory = _find(callbacks, PeakMemoryMonitor)
     curves = _find(callbacks, TrainingCurves)
     summary = plugin.summary
@@ -98,6 +102,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for s, b, a in zip(samples, before, after)
         ],
     )
+    if not trainer.is_global_zero:
+        return results  # with several processes, rank zero writes and prints
     if logger:
         results["wandb"] = _finish_wandb(logger, results, Path(adapter_dir))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -117,6 +117,20 @@ def test_short_end_to_end_run_of_the_default_job(tmp_path, smollm2_path):
 
 
 @pytest.mark.slow
+def test_the_app_runs_fully_sharded_on_two_processes(tmp_path, smollm2_path):
+    # The README's multi-GPU command, on 2 CPU processes (gloo): Lightning's launcher re-runs the app per rank.
+    result = _run_app(["trainer.strategy=qlora_fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
+                       "experiment=smoke", "eval.sample_terms=0", "logger=csv"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == 8 and results["perplexity_after"] < 0.8 * results["perplexity_before"], results
+    assert result.stdout.count("held-out perplexity") == 1  # rank zero reports, once
+    weights = Path(results["adapter_dir"]) / "adapter_model.safetensors"
+    assert weights.is_file() and weights.stat().st_size > 10 * 2**20  # the whole (gathered) adapter: 18.7 MiB
+
+
+@pytest.mark.slow
 def test_sweep_runs_one_job_per_value(tmp_path, smollm2_path):
     result = _run_app(
         ["-m", "lora.r=4,8", "experiment=smoke", "trainer.max_steps=2", "eval.perplexity=false",
