@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_merge_round_trip, llama
 from torch import nn
 
 from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig, load_adapter, save_adapter
@@ -16,8 +17,6 @@ from lightning_qlora.export import export_merged
 from lightning_qlora.fingerprint import FingerprintMismatchError
 from lightning_qlora.lora import LoRALinear, iter_lora_layers, merge_lora, unmerge_lora
 from lightning_qlora.quantize import is_quantized_linear, packed_bytes
-
-from helpers import assert_merge_round_trip, llama
 
 FP32_NONE = QuantConfig(quant_type="none", compute_dtype="fp32")
 

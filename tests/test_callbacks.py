@@ -4,14 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CausalLMModule, token_loader
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_qlora import AdapterCheckpoint, LoRAConfig, PeakMemoryMonitor, QLoRAPlugin, load_adapter
 from lightning_qlora.callbacks import TrainingCurves
 from lightning_qlora.callbacks.throughput import token_throughput_monitor
-
-from helpers import CausalLMModule, token_loader
 
 
 def _fit(tmp_path, callbacks, max_steps=6, config=None, logger=False):

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from helpers import RegressionModule, fast_trainer, regression_loader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -18,8 +19,6 @@ from lightning_qlora.callbacks import NoAdapterGradientError, NonFiniteLossError
 from lightning_qlora.checkpoint_io import AtomicCheckpointIO, CheckpointLoadError
 from lightning_qlora.lora import LoRALinear
 from lightning_qlora.tracking import wandb_mode
-
-from helpers import RegressionModule, fast_trainer, regression_loader
 
 
 class PoisonedModule(RegressionModule):

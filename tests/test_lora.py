@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_qlora import LoRAConfig, LoRALinear, QuantConfig, inject_lora, mark_only_lora_as_trainable, quantize_model
+from lightning_qlora import (
+    LoRAConfig,
+    LoRALinear,
+    QuantConfig,
+    inject_lora,
+    mark_only_lora_as_trainable,
+    quantize_model,
+)
 from lightning_qlora.lora import lora_state_dict
 
 

@@ -2,15 +2,14 @@ import logging
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from helpers import CausalLMModule, RegressionModule, fast_trainer, regression_loader, token_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from lightning_qlora import LoRAConfig, LoRALinear, QLoRAPlugin, QuantConfig
 from lightning_qlora.quantize import is_quantized_linear, packed_bytes
-
-from helpers import fast_trainer, CausalLMModule, RegressionModule, regression_loader, token_loader
 
 
 def _trainer(**kwargs):

@@ -1,13 +1,12 @@
 import pytest
 import torch
+from helpers import CausalLMModule, RegressionModule, fast_trainer, regression_loader, token_loader
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_qlora import LoRAConfig, LoRALinear, QLoRAPlugin, QLoRAStrategy
 from lightning_qlora.quantize import is_quantized_linear
-
-from helpers import fast_trainer, CausalLMModule, RegressionModule, regression_loader, token_loader
 
 
 def _trainer(**kwargs):
