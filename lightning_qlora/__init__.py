@@ -11,6 +11,7 @@ from lightning_qlora.config import ConfigError, LoRAConfig, QuantConfig
 from lightning_qlora.lora import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
 from lightning_qlora.precision import QLoRAPlugin
 from lightning_qlora.quantize import QuantizationReport, quantize_model
+from lightning_qlora.sharding import QuantStorageMismatchError
 from lightning_qlora.strategy import QLoRADDPStrategy, QLoRAFSDPStrategy, QLoRAStrategy
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "QLoRAFSDPStrategy",
     "QLoRAStrategy",
     "QuantConfig",
+    "QuantStorageMismatchError",
     "QuantizationReport",
     "inject_lora",
     "load_adapter",
