@@ -100,8 +100,8 @@ class LoRALinear(nn.Module):
     fused: bool | None = None
 
     def _use_fused(self, x: torch.Tensor) -> bool:
-        if self.use_dora or self.merged:
-            return False
+        if self.use_dora or self.merged or not torch.is_grad_enabled():
+            return False  # inference keeps bitsandbytes' own path (its 1-token gemv kernel for generation)
         enabled = self.fused if self.fused is not None else x.is_cuda
         return bool(enabled) and supports_fused(self.base_layer, x)
 

@@ -65,6 +65,8 @@ def test_fused_path_is_cuda_only_by_default_and_skips_mismatched_dtypes():
     assert not layer._use_fused(x)  # CPU: the plain path unless asked
     layer.fused = True
     assert layer._use_fused(x)
+    with torch.no_grad():
+        assert not layer._use_fused(x)  # inference (generate) keeps bitsandbytes' path
     assert not layer._use_fused(x.float())  # fp32 input to a bf16-compute layer: the plain path casts it
     layer.use_dora = True
     assert not layer._use_fused(x)
