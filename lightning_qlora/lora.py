@@ -192,13 +192,17 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}{', dora' if self.use_dora else ''}"
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig, skip_modules: tuple[str, ...] = ()) -> list[str]:
+def inject_lora(
+    model: nn.Module, config: LoRAConfig, skip_modules: tuple[str, ...] = (), only: set[str] | None = None
+) -> list[str]:
     """Wrap every targeted linear of ``model`` in a :class:`LoRALinear`, in place.
 
     Args:
         model: the (usually already quantized and frozen) model; names are matched relative to it.
         config: rank, alpha, dropout and ``target_modules``.
         skip_modules: names never adapted (``QuantConfig.skip_modules``), matched like a list target.
+        only: adapt only these qualified names among the targets (the targets are still chosen, and checked,
+            over the whole model): lets a caller adapt one block at a time.
 
     Returns:
         The qualified names of the adapted linears, in model order.
@@ -222,6 +226,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, skip_modules: tuple[str, .
     selected = select_targets(candidates, config.target_modules, all_linear_names=names)
     adapted: list[str] = []
     for name in selected:
+        if only is not None and name not in only:
+            continue
         base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +19,13 @@ from lightning_qlora.adapters import adapter_root
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.kernels.compile import compile_blocks
 from lightning_qlora.lora import inject_lora, mark_only_lora_as_trainable
-from lightning_qlora.quantize import QuantizationReport, is_adapter_parameter, quantize_model
+from lightning_qlora.quantize import (
+    QuantizationReport,
+    is_adapter_parameter,
+    is_quantized_linear,
+    quant_state_of,
+    quantize_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,24 +131,44 @@ class QLoRAPlugin(Precision):
         self.summary: ConversionSummary | None = None
 
     @override
-    def convert_module(self, module: nn.Module) -> nn.Module:
+    def convert_module(
+        self, module: nn.Module, after_layer: Callable[[str, nn.Module], None] | None = None
+    ) -> nn.Module:
+        """Quantize, freeze and adapt ``module`` (see the class docstring).
+
+        ``after_layer(name, layer)`` runs after each linear is quantized: a strategy can finish a block there with
+        :meth:`prepare_block` (and shard it) before the next block is converted.
+        """
         root = adapter_root(module)
-        report = quantize_model(root, self.quant, device=self.quantize_device)
+        self._adapted_early: list[str] = []
+        report = quantize_model(root, self.quant, device=self.quantize_device, after_layer=after_layer)
         _cast_floating(root, self.dtype)
-        adapted: list[str] = []
+        adapted = list(self._adapted_early)
         if self.lora is not None:
             # Quantize before injecting LoRA: the adapters must stay in full precision to get gradients.
-            adapted = inject_lora(root, self.lora, skip_modules=self.quant.skip_modules)
+            adapted += inject_lora(root, self.lora, skip_modules=self.quant.skip_modules)
             mark_only_lora_as_trainable(module)
         if self.compile:
             compile_blocks(root, **(self.compile if isinstance(self.compile, dict) else {}))
         if not (report.quantized or adapted) and self.summary is not None:
             return module  # already converted (e.g. validate() before fit()): keep the first summary
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        total = sum(_logical_numel(p) for p in module.parameters())
+        total = _logical_param_count(module)
         self.summary = ConversionSummary(report, adapted, trainable, total)
         rank_zero_info(self.summary.as_text(self.quant))
         return module
+
+    def prepare_block(self, root: nn.Module, block: nn.Module, linear_names: set[str]) -> list[str]:
+        """Finish one already quantized block of ``root`` now: cast its other weights to the compute dtype, inject
+        the adapters among ``linear_names`` (qualified names relative to ``root``) and freeze its base. The rest of
+        the model is finished by :meth:`convert_module` as usual. Returns the adapted names."""
+        _cast_floating(block, self.dtype)
+        if self.lora is None:
+            return []
+        names = inject_lora(root, self.lora, skip_modules=self.quant.skip_modules, only=linear_names)
+        mark_only_lora_as_trainable(block)
+        self._adapted_early.extend(names)
+        return names
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -217,12 +243,16 @@ def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
         param.data = param.data.to(dtype)
 
 
-def _logical_numel(param: Tensor) -> int:
-    # A packed 4-bit weight holds two values per byte.
-    state = getattr(param, "quant_state", None)
-    if state is not None and getattr(state, "shape", None) is not None:
-        return int(torch.Size(state.shape).numel())
-    return param.numel()
+def _logical_param_count(module: nn.Module) -> int:
+    """Parameters as the model has them: a packed 4-bit weight (two values per byte, possibly sharded by FSDP)
+    counts as its logical ``out x in`` shape."""
+    total = 0
+    for sub in module.modules():
+        for name, param in sub.named_parameters(recurse=False):
+            state = quant_state_of(sub) if name == "weight" and is_quantized_linear(sub) else None
+            shape = getattr(state, "shape", None)
+            total += int(torch.Size(shape).numel()) if shape is not None else param.numel()
+    return total
 
 
 def _to_dtype(tensor: Tensor, dst_type: torch.dtype) -> Tensor:

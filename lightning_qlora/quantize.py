@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,7 @@ def quantize_model(
     config: QuantConfig | None = None,
     device: torch.device | str | None = None,
     progress: bool | None = None,
+    after_layer: Callable[[str, nn.Module], None] | None = None,
 ) -> QuantizationReport:
     """Quantize every ``nn.Linear`` of ``model`` in place, one layer at a time, and freeze the whole model.
 
@@ -91,6 +92,8 @@ def quantize_model(
         device: where the 4-bit weights should live. ``None`` keeps each layer on its current device (meta layers
             go to the CPU). On CUDA, passing the GPU here quantizes there, which is much faster than on the CPU.
         progress: show a progress bar; ``None`` shows one for models with many linears.
+        after_layer: called as ``after_layer(name, new_module)`` right after each linear is replaced (e.g. to shard
+            a block as soon as its last linear is quantized).
 
     Returns:
         A :class:`QuantizationReport` with the names and byte counts (``bytes_before`` is in the original dtype).
@@ -136,6 +139,8 @@ def quantize_model(
             samples[name] = weight_sample(name, new.weight)
             after = new.weight.numel() * new.weight.element_size()
         replace_submodule(model, name, new)
+        if after_layer is not None:
+            after_layer(name, new)
         report.quantized.append(name)
         report.bytes_before += before
         report.num_params += module.weight.numel()

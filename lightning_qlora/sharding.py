@@ -72,6 +72,26 @@ def check_quant_storage(model: nn.Module, param_dtype: torch.dtype) -> None:
         )
 
 
+def shard_unit(
+    module: nn.Module,
+    mesh: Any,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+) -> None:
+    """``fully_shard`` one module over ``mesh``: parameters gathered in ``param_dtype`` (the compute dtype: fp32
+    adapter masters are cast down for the forward), adapter gradients reduced in ``reduce_dtype``.
+
+    Raises:
+        QuantStorageMismatchError: see :func:`check_quant_storage`.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    check_quant_storage(module, param_dtype)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+
 def shard_model(
     root: nn.Module,
     mesh: Any,
@@ -80,25 +100,22 @@ def shard_model(
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
 ) -> list[str]:
-    """Apply ``fully_shard`` to each unit (default: :func:`shard_units`), then to ``root``; returns the unit names.
-
-    Parameters are gathered in ``param_dtype`` (the compute dtype: fp32 adapter masters are cast down for the
-    forward) and adapter gradients reduced in ``reduce_dtype``. Calling it on an already sharded model does nothing.
-
-    Raises:
-        QuantStorageMismatchError: see :func:`check_quant_storage`.
+    """:func:`shard_unit` each unit (default: :func:`shard_units`) not sharded yet, then ``root``; returns the names
+    of the units it sharded. Calling it on an already sharded model does nothing.
     """
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule
 
     if isinstance(root, FSDPModule):
         return []
     check_quant_storage(root, param_dtype)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     units = shard_units(root) if units is None else units
-    for _, unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    return [name for name, _ in units]
+    done = []
+    for name, unit in units:
+        if not isinstance(unit, FSDPModule):
+            shard_unit(unit, mesh, param_dtype, reduce_dtype, reshard_after_forward)
+            done.append(name)
+    shard_unit(root, mesh, param_dtype, reduce_dtype, reshard_after_forward)
+    return done
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

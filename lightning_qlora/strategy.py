@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -21,7 +21,15 @@ from typing_extensions import override
 from lightning_qlora.adapters import adapter_root
 from lightning_qlora.checkpoint_io import AtomicCheckpointIO
 from lightning_qlora.precision import QLoRAPlugin
-from lightning_qlora.sharding import QuantStorageMismatchError, copy_full_into, full_tensor, shard_model, shard_units
+from lightning_qlora.quantize import is_skipped, iter_linears
+from lightning_qlora.sharding import (
+    QuantStorageMismatchError,
+    copy_full_into,
+    full_tensor,
+    shard_model,
+    shard_unit,
+    shard_units,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +167,11 @@ class QLoRADDPStrategy(_QLoRAStrategyMixin, DDPStrategy):
 class QLoRAFSDPStrategy(_QLoRAStrategyMixin, ModelParallelStrategy):
     """Fully sharded QLoRA through Lightning's own FSDP2 strategy: ``Trainer(strategy="qlora_fsdp", devices=N)``.
 
-    Each rank builds the model (on the meta device for large ones), quantizes it layer by layer on its device with
-    the packed 4-bit bytes stored in the compute dtype (``quant_storage``), injects LoRA, then shards every
-    transformer block and the rest with ``fully_shard`` over all ranks: each GPU keeps ``1/N`` of the 4-bit base and
-    of the adapters and their optimizer state. A packed weight stored in any other dtype is refused
+    Each rank builds the model (on the meta device for large ones) and quantizes it layer by layer on its device,
+    with the packed 4-bit bytes stored in the compute dtype (``quant_storage``); as soon as a transformer block's
+    last linear is quantized, the block gets its adapters and is sharded with ``fully_shard`` over all ranks, so a
+    rank never holds more than its shards plus one whole block. Each GPU keeps ``1/N`` of the 4-bit base and of the
+    adapters and their optimizer state. A packed weight stored in any other dtype is refused
     (:class:`~lightning_qlora.sharding.QuantStorageMismatchError`): FSDP would cast its bytes and destroy it.
 
     Checkpoints (``.ckpt``) hold the whole adapters and optimizer state gathered to rank zero, one file, never the
@@ -204,14 +213,23 @@ class QLoRAFSDPStrategy(_QLoRAStrategyMixin, ModelParallelStrategy):
         _resolve_quant_storage_for_fsdp(plugin)
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
-        self.model = plugin.convert_module(self.model)  # quantize layer by layer on this rank's device, inject LoRA
-        _materialize_meta(self.model, self.root_device)
-        self.model.to(self.root_device)
         root = adapter_root(self.model)
         units = shard_units(root, self.shard_modules)
-        sharded = shard_model(root, self.device_mesh["data_parallel"], plugin.dtype, units,
-                              reshard_after_forward=self.reshard_after_forward)
-        self.sharded_units = sharded or self.sharded_units
+        mesh = self.device_mesh["data_parallel"]
+        sharded_now: list[str] = []
+        # Quantize layer by layer on this rank's device; as soon as a block's last linear is done, adapt and shard
+        # that block, so a rank never holds more than the sharded model plus one whole block.
+        finish = _block_finisher(root, units, plugin, self.root_device,
+                                 lambda name, unit: (shard_unit(unit, mesh, plugin.dtype,
+                                                                reshard_after_forward=self.reshard_after_forward),
+                                                     sharded_now.append(name)))
+        self.model = plugin.convert_module(self.model, after_layer=finish)
+        _materialize_meta(self.model, self.root_device)
+        self.model.to(self.root_device)
+        # Whatever was not sharded while converting (a model quantized beforehand, blocks without quantized
+        # linears), then the root: embeddings, final norm, head.
+        sharded_now += shard_model(root, mesh, plugin.dtype, units, reshard_after_forward=self.reshard_after_forward)
+        self.sharded_units = sharded_now or self.sharded_units
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -246,6 +264,34 @@ class QLoRAFSDPStrategy(_QLoRAStrategyMixin, ModelParallelStrategy):
             set_optimizer_state_dict(
                 self.model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
             )
+
+
+def _block_finisher(
+    root: nn.Module,
+    units: list[tuple[str, nn.Module]],
+    plugin: QLoRAPlugin,
+    device: torch.device,
+    shard: Callable[[str, nn.Module], Any],
+) -> Callable[[str, nn.Module], None]:
+    """An ``after_layer`` hook for :func:`quantize_model`: when the last quantized linear of a block is done, the
+    block is materialized, cast and adapted (:meth:`QLoRAPlugin.prepare_block`) and handed to ``shard``."""
+    to_quantize = [name for name, _ in iter_linears(root) if not is_skipped(name, plugin.quant.skip_modules)]
+    last_of: dict[str, tuple[str, nn.Module, set[str]]] = {}
+    for unit_name, unit in units:
+        inside = [name for name in to_quantize if name.startswith(unit_name + ".")]
+        if inside:
+            last_of[inside[-1]] = (unit_name, unit, set(inside))
+
+    def finish(name: str, _: nn.Module) -> None:
+        if name not in last_of:
+            return
+        unit_name, unit, linear_names = last_of[name]
+        _materialize_meta(unit, device)
+        unit.to(device)
+        plugin.prepare_block(root, unit, linear_names)
+        shard(unit_name, unit)
+
+    return finish
 
 
 def _resolve_quant_storage_for_fsdp(plugin: QLoRAPlugin) -> None:

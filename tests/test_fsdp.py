@@ -3,6 +3,7 @@
 The multi-process tests run tests/parallel_worker.py as 2 CPU processes over gloo (Lightning's own launcher).
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -15,9 +16,10 @@ from safetensors.torch import load_file
 
 from lightning_qlora import QLoRAPlugin, QuantConfig
 from lightning_qlora.config import ConfigError
-from lightning_qlora.quantize import dequantize_weight, quantize_model
+from lightning_qlora.lora import LoRALinear
+from lightning_qlora.quantize import dequantize_weight, is_quantized_linear, iter_linears, quantize_model
 from lightning_qlora.sharding import QuantStorageMismatchError, check_quant_storage, shard_units
-from lightning_qlora.strategy import QLoRAFSDPStrategy, _resolve_quant_storage_for_fsdp
+from lightning_qlora.strategy import QLoRAFSDPStrategy, _block_finisher, _resolve_quant_storage_for_fsdp
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 
@@ -103,8 +105,6 @@ def test_check_quant_storage_refuses_packed_weights_fsdp_would_cast(tiny_llama):
 
 
 def test_bf16_storage_holds_the_same_bytes_as_uint8(tiny_llama):
-    import copy
-
     other = copy.deepcopy(tiny_llama)
     quantize_model(tiny_llama, QuantConfig(quant_storage="uint8"))
     quantize_model(other, QuantConfig(quant_storage="bf16"))
@@ -146,3 +146,27 @@ def test_fsdp_on_one_gpu_trains_saves_and_resumes(tmp_path):
     assert _max_diff(full, resumed) < 1e-6
     saved = load_file(tmp_path / "full" / "adapter" / "last" / "adapter_model.safetensors")
     assert len(saved) == 28 and all(v.device.type == "cpu" for v in saved.values())
+
+
+def test_fsdp_conversion_adapts_and_shards_each_block_before_quantizing_the_next(tiny_llama):
+    # A rank must never hold the whole 4-bit model unsharded (65B: ~35 GB): each block is finished and handed to
+    # fully_shard as soon as its last linear is quantized, while the next block is still untouched.
+    plugin = QLoRAPlugin(quant=QuantConfig(quant_storage="bf16"))
+    reference = QLoRAPlugin(quant=QuantConfig(quant_storage="bf16"))
+    reference.convert_module(copy.deepcopy(tiny_llama))  # the whole model at once, as on one device
+    events = []
+
+    def shard(name, unit):
+        later = [m for n, m in iter_linears(tiny_llama) if n.startswith("model.layers.1.")]
+        adapted = [m for m in unit.modules() if isinstance(m, LoRALinear)]
+        events.append((name, len(adapted), any(is_quantized_linear(m) for m in later),
+                       {p.dtype for p in unit.parameters() if not p.requires_grad}))
+
+    finish = _block_finisher(tiny_llama, shard_units(tiny_llama), plugin, torch.device("cpu"), shard)
+    plugin.convert_module(tiny_llama, after_layer=finish)
+    assert [e[0] for e in events] == ["model.layers.0", "model.layers.1"]
+    assert events[0][1] == 7 and events[0][2] is False  # block 0 adapted; block 1 not even quantized yet
+    assert events[0][3] == {torch.bfloat16}  # packed bytes (bf16 storage) and norms, all in FSDP's dtype
+    assert plugin.summary.adapted == reference.summary.adapted and len(plugin.summary.adapted) == 14
+    assert plugin.summary.total_params == reference.summary.total_params
+    assert plugin.summary.trainable_params == reference.summary.trainable_params
