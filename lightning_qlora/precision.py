@@ -129,6 +129,7 @@ class QLoRAPlugin(Precision):
         # the accelerator, layer by layer; otherwise layers are quantized where they are and moved afterwards.
         self.quantize_device: torch.device | None = None
         self.summary: ConversionSummary | None = None
+        self._adapted_early: list[str] = []  # adapters injected block by block (prepare_block) during conversion
 
     @override
     def convert_module(

@@ -217,12 +217,14 @@ class QLoRAFSDPStrategy(_QLoRAStrategyMixin, ModelParallelStrategy):
         units = shard_units(root, self.shard_modules)
         mesh = self.device_mesh["data_parallel"]
         sharded_now: list[str] = []
+
+        def shard(name: str, unit: nn.Module) -> None:
+            shard_unit(unit, mesh, plugin.dtype, reshard_after_forward=self.reshard_after_forward)
+            sharded_now.append(name)
+
         # Quantize layer by layer on this rank's device; as soon as a block's last linear is done, adapt and shard
         # that block, so a rank never holds more than the sharded model plus one whole block.
-        finish = _block_finisher(root, units, plugin, self.root_device,
-                                 lambda name, unit: (shard_unit(unit, mesh, plugin.dtype,
-                                                                reshard_after_forward=self.reshard_after_forward),
-                                                     sharded_now.append(name)))
+        finish = _block_finisher(root, units, plugin, self.root_device, shard)
         self.model = plugin.convert_module(self.model, after_layer=finish)
         _materialize_meta(self.model, self.root_device)
         self.model.to(self.root_device)
