@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--compute-dtype", default="fp32")
+    parser.add_argument("--dora", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,7 @@ def main() -> None:
         # fp32 compute: the comparison with one process is then about the sharded averaging, not bf16 rounding of
         # matmuls whose batch size differs (4 vs 8 rows).
         plugins=[QLoRAPlugin(quant=QuantConfig(compute_dtype=args.compute_dtype, quant_storage=args.quant_storage),
-                             lora=LoRAConfig(r=4, alpha=8, dropout=0.0))],
+                             lora=LoRAConfig(r=4, alpha=8, dropout=0.0, use_dora=bool(args.dora)))],
         callbacks=[
             AdapterCheckpoint(out / "adapter", every_n_train_steps=0),
             ModelCheckpoint(out / "checkpoints", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True),

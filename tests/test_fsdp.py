@@ -70,6 +70,18 @@ def test_fsdp_shards_base_and_adapters_and_matches_one_process_on_the_same_globa
         assert torch.equal(saved[peft_key], value), peft_key
 
 
+def test_dora_under_fsdp_matches_one_process(tmp_path):
+    # DoRA's magnitude vector is a bare fp32 parameter beside the packed base inside each sharded block.
+    _run(tmp_path / "fsdp", "--devices", 2, "--batch", 4, "--dora", 1)
+    _run(tmp_path / "single", "--devices", 1, "--batch", 8, "--strategy", "qlora", "--dora", 1)
+    sharded = torch.load(tmp_path / "fsdp" / "adapters_rank0.pt")
+    single = torch.load(tmp_path / "single" / "adapters_rank0.pt")
+    assert len(sharded) == 42 and sum("lora_magnitude_vector" in k for k in sharded) == 14
+    assert _max_diff(sharded, single) < 1e-6  # measured 4.5e-8
+    saved = load_file(tmp_path / "fsdp" / "adapter" / "last" / "adapter_model.safetensors")
+    assert sum("lora_magnitude_vector" in k for k in saved) == 14
+
+
 @pytest.mark.parametrize("strategy", ["qlora_fsdp", "qlora_ddp"])
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, strategy):
     # AdamW: its moments must come back too. The checkpoint after epoch 0 (step 4) is adapter-only, one file.
