@@ -23,37 +23,35 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OURS = str(HERE / "bench_qlora.py")
 
+# The anchors' configurations: the same shape, sequence length and rank on both sides of every ratio.
+B7 = ["--shape", "7b", "--seq", "2048", "--rank", "16"]
+B65 = ["--shape", "65b", "--seq", "512", "--rank", "64", "--ckpt", "1"]
+PEFT = "{anchors}/peft_qlora.py"
+PAGED = ["--optim", "paged_adamw_8bit"]
+
 # (id, group, system, arguments); "{anchors}" is the anchors folder.
 RUNS: list[tuple[str, str, str, list[str]]] = [
-    ("7b-ckpt-ours", "7b", "lightning_qlora nf4-dq", [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "1"]),
-    ("7b-ckpt-peft", "7b", "PEFT + bnb", ["{anchors}/peft_qlora.py", "--shape", "7b", "--seq", "2048", "--rank", "16",
-                                          "--ckpt", "1"]),
-    ("7b-ckpt-ours-bf16", "7b", "lightning_qlora bf16 LoRA", [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16",
-                                                             "--ckpt", "1", "--quant", "none"]),
+    ("7b-ckpt-ours", "7b", "lightning_qlora nf4-dq", [OURS, *B7, "--ckpt", "1"]),
+    ("7b-ckpt-peft", "7b", "PEFT + bnb", [PEFT, *B7, "--ckpt", "1"]),
+    ("7b-ckpt-ours-bf16", "7b", "lightning_qlora bf16 LoRA", [OURS, *B7, "--ckpt", "1", "--quant", "none"]),
     ("7b-ckpt-ours-plain", "7b", "lightning_qlora nf4-dq, plain (unfused) path",
-     [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "1", "--fused", "0"]),
+     [OURS, *B7, "--ckpt", "1", "--fused", "0"]),
     ("7b-ckpt-ours-compile", "7b", "lightning_qlora nf4-dq, torch.compile per block",
-     [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "1", "--compile", "1"]),
+     [OURS, *B7, "--ckpt", "1", "--compile", "1"]),
     ("7b-ckpt-ours-bf16-compile", "7b", "lightning_qlora bf16 LoRA, torch.compile per block",
-     [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "1", "--quant", "none", "--compile", "1"]),
-    ("7b-nockpt-ours", "7b", "lightning_qlora nf4-dq", [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16",
-                                                        "--ckpt", "0"]),
+     [OURS, *B7, "--ckpt", "1", "--quant", "none", "--compile", "1"]),
+    ("7b-nockpt-ours", "7b", "lightning_qlora nf4-dq", [OURS, *B7, "--ckpt", "0"]),
     ("7b-nockpt-litgpt", "7b", "LitGPT nf4-dq", ["{anchors}/litgpt_qlora.py", "--quant", "nf4-dq", "--name",
                                                   "Llama-2-7b-hf", "--seq", "2048", "--rank", "16"]),
-    ("7b-nockpt-ours-bf16", "7b", "lightning_qlora bf16 LoRA", [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16",
-                                                               "--ckpt", "0", "--quant", "none"]),
+    ("7b-nockpt-ours-bf16", "7b", "lightning_qlora bf16 LoRA", [OURS, *B7, "--ckpt", "0", "--quant", "none"]),
     ("7b-nockpt-ours-plain", "7b", "lightning_qlora nf4-dq, plain (unfused) path",
-     [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "0", "--fused", "0"]),
+     [OURS, *B7, "--ckpt", "0", "--fused", "0"]),
     ("7b-nockpt-ours-compile", "7b", "lightning_qlora nf4-dq, torch.compile per block",
-     [OURS, "--shape", "7b", "--seq", "2048", "--rank", "16", "--ckpt", "0", "--compile", "1"]),
-    ("65b-ours", "65b", "lightning_qlora nf4-dq", [OURS, "--shape", "65b", "--seq", "512", "--rank", "64", "--ckpt", "1"]),
-    ("65b-peft", "65b", "PEFT + bnb", ["{anchors}/peft_qlora.py", "--shape", "65b", "--seq", "512", "--rank", "64",
-                                       "--ckpt", "1"]),
-    ("65b-ours-paged", "65b", "lightning_qlora nf4-dq, paged 8-bit AdamW",
-     [OURS, "--shape", "65b", "--seq", "512", "--rank", "64", "--ckpt", "1", "--optim", "paged_adamw_8bit"]),
-    ("65b-peft-paged", "65b", "PEFT + bnb, paged 8-bit AdamW",
-     ["{anchors}/peft_qlora.py", "--shape", "65b", "--seq", "512", "--rank", "64", "--ckpt", "1", "--optim",
-      "paged_adamw_8bit"]),
+     [OURS, *B7, "--ckpt", "0", "--compile", "1"]),
+    ("65b-ours", "65b", "lightning_qlora nf4-dq", [OURS, *B65]),
+    ("65b-peft", "65b", "PEFT + bnb", [PEFT, *B65]),
+    ("65b-ours-paged", "65b", "lightning_qlora nf4-dq, paged 8-bit AdamW", [OURS, *B65, *PAGED]),
+    ("65b-peft-paged", "65b", "PEFT + bnb, paged 8-bit AdamW", [PEFT, *B65, *PAGED]),
 ]
 
 # Llama-2-7B: 6.74e9 parameters; an H200 sustains ~790 TFLOP/s of bf16 matmul and ~4.3 TB/s (device README).
