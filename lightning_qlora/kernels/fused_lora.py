@@ -27,8 +27,7 @@ from lightning_qlora.quantize import dequantize_weight, is_quantized_linear
 
 def base_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base weight in ``dtype``, dequantized for a 4-bit layer (a fresh tensor, used and dropped at once)."""
-    weight = dequantize_weight(base_layer) if is_quantized_linear(base_layer) else base_layer.weight
-    return weight if weight.dtype == dtype else weight.to(dtype)
+    return dequantize_weight(base_layer).to(dtype)
 
 
 def supports_fused(base_layer: nn.Module, x: torch.Tensor) -> bool:
