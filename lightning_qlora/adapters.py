@@ -23,7 +23,7 @@ from lightning_qlora._atomic import atomic_directory, recover_interrupted_write
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.fingerprint import FingerprintMismatchError, base_fingerprint, compare_fingerprints, describe
 from lightning_qlora.lora import LoRALinear, base_linears, inject_lora, iter_lora_layers
-from lightning_qlora.quantize import is_quantized_linear, quant_state_of, quantize_model
+from lightning_qlora.quantize import CALIBRATION_ATTR, is_quantized_linear, quant_state_of, quantize_model
 from lightning_qlora.sharding import full_tensor
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ def load_adapter(
         # PEFT's "all-linear" never adapts the output head; neither do we unless the caller's QuantConfig says so.
         inject_lora(root, lora_config, skip_modules=(quant or QuantConfig()).skip_modules)
     _check_fingerprint(facts, root, path, strict)
+    _warn_calibration_mismatch(facts, root, path)
     layers = dict(iter_lora_layers(root))
     expected = {f"{PEFT_PREFIX}{n}.{key}" for n, layer in layers.items() for key in adapter_tensors(layer)}
     unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
@@ -310,9 +311,24 @@ def quantization_settings(root: nn.Module) -> dict[str, Any]:
                 "blocksize": state.blocksize,
                 "double_quant": bool(state.nested),
                 "compute_dtype": str(getattr(layer, "compute_dtype", None)),
+                "calibration": getattr(root, CALIBRATION_ATTR, "none"),
             }
         return {"quant_type": "none", "dtype": str(layer.weight.dtype)}
     return {"quant_type": "none"}
+
+
+def _warn_calibration_mismatch(facts: dict[str, Any], root: nn.Module, path: Path) -> None:
+    """An adapter learned on a base whose 4-bit codes were calibrated (GPTQ) partly corrects *that* base's rounding;
+    on a base rounded another way it still works, but not exactly as trained."""
+    trained_on = (facts.get("quantization") or {}).get("calibration", "none")
+    here = quantization_settings(root).get("calibration", "none")
+    if trained_on != here and any(is_quantized_linear(m) for _, m in base_linears(root)):
+        log.warning(
+            "Adapter %s was trained on a 4-bit base with calibration=%r, but this base has calibration=%r: its outputs "
+            "will differ slightly from the trained model's. Quantize the base the same way (QuantConfig(calibration="
+            "%r) with the same data) for identical results, or merge with lightning-qlora-export in the run itself.",
+            path, trained_on, here, trained_on,
+        )
 
 
 def _check_fingerprint(facts: dict[str, Any], root: nn.Module, path: Path, strict: bool) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +16,14 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_qlora.adapters import adapter_root
+from lightning_qlora.calibration import CalibrationError, CalibrationReport, calibrated_weights, default_forward
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.kernels.compile import compile_blocks
 from lightning_qlora.lora import inject_lora, mark_only_lora_as_trainable
 from lightning_qlora.quantize import (
+    CALIBRATION_ATTR,
     QuantizationReport,
+    has_quantized_linears,
     is_adapter_parameter,
     is_quantized_linear,
     quant_state_of,
@@ -130,6 +133,7 @@ class QLoRAPlugin(Precision):
         self.quantize_device: torch.device | None = None
         self.summary: ConversionSummary | None = None
         self._adapted_early: list[str] = []  # adapters injected block by block (prepare_block) during conversion
+        self._rounded: dict[str, Tensor] | None = None  # calibrated codes waiting for convert_module (calibrate)
 
     @override
     def convert_module(
@@ -142,7 +146,21 @@ class QLoRAPlugin(Precision):
         """
         root = adapter_root(module)
         self._adapted_early: list[str] = []
-        report = quantize_model(root, self.quant, device=self.quantize_device, after_layer=after_layer)
+        needs_codes = self.quant.calibration != "none" and not has_quantized_linears(root)
+        if needs_codes and self._rounded is None:
+            raise CalibrationError(
+                f"QuantConfig(calibration={self.quant.calibration!r}) chooses the 4-bit codes on training data, but no "
+                "calibration ran before conversion. Use strategy='qlora' with a LightningDataModule (it calibrates "
+                "on the first calibration_samples training sequences), or call plugin.calibrate(module, batches) "
+                "first."
+            )
+        rounded, self._rounded = (self._rounded if needs_codes else None), None
+        report = quantize_model(
+            root, self.quant, device=self.quantize_device, after_layer=after_layer, rounded=rounded
+        )
+        if rounded:
+            setattr(root, CALIBRATION_ATTR, self.quant.calibration)
+        del rounded
         _cast_floating(root, self.dtype)
         adapted = list(self._adapted_early)
         if self.lora is not None:
@@ -158,6 +176,22 @@ class QLoRAPlugin(Precision):
         self.summary = ConversionSummary(report, adapted, trainable, total)
         rank_zero_info(self.summary.as_text(self.quant))
         return module
+
+    def calibrate(
+        self, module: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any] | None = None
+    ) -> CalibrationReport:
+        """Choose the 4-bit codes of ``module``'s base on ``batches`` (``QuantConfig(calibration="gptq")``); the next
+        :meth:`convert_module` packs them. ``module`` (a LightningModule or a model) must still be in full precision;
+        ``forward(batch)`` runs it (default: ``module(**batch)`` for a mapping, else ``module(batch)``)."""
+        root = adapter_root(module)
+        self._rounded, report = calibrated_weights(
+            root, batches, forward or default_forward(module), self.quant, progress=None
+        )
+        rank_zero_info(
+            f"Calibrated the 4-bit codes of {report.layers} linears with GPTQ on {report.tokens:,} tokens "
+            f"in {report.seconds:.0f} s ({report.nearest} rounded to nearest)."
+        )
+        return report
 
     def prepare_block(self, root: nn.Module, block: nn.Module, linear_names: set[str]) -> list[str]:
         """Finish one already quantized block of ``root`` now: cast its other weights to the compute dtype, inject

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 ADAPTER_MODULE_NAMES = frozenset({"lora_A", "lora_B"})
 # Every trainable adapter tensor is under one of these names (the DoRA magnitude is a bare parameter).
 ADAPTER_PARAMETER_NAMES = ADAPTER_MODULE_NAMES | {"lora_magnitude_vector"}
+# Set on a model whose 4-bit codes were calibrated (the method's name, e.g. "gptq"); recorded with its adapters.
+CALIBRATION_ATTR = "_lightning_qlora_calibration"
 # A progress bar is worth showing only for real models, not for toy ones in tests.
 _PROGRESS_MIN_LAYERS = 64
 
@@ -61,6 +63,11 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return "Linear4bit" in cls_names
 
 
+def has_quantized_linears(model: nn.Module) -> bool:
+    """True once :func:`quantize_model` (or transformers/PEFT) has put 4-bit weights into ``model``."""
+    return any(is_quantized_linear(m) for _, m in iter_linears(model))
+
+
 def iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     """Yield ``(qualified_name, module)`` for every ``nn.Linear`` (4-bit ones included) of the base model.
 
@@ -83,6 +90,7 @@ def quantize_model(
     device: torch.device | str | None = None,
     progress: bool | None = None,
     after_layer: Callable[[str, nn.Module], None] | None = None,
+    rounded: Mapping[str, torch.Tensor] | None = None,
 ) -> QuantizationReport:
     """Quantize every ``nn.Linear`` of ``model`` in place, one layer at a time, and freeze the whole model.
 
@@ -94,6 +102,10 @@ def quantize_model(
         progress: show a progress bar; ``None`` shows one for models with many linears.
         after_layer: called as ``after_layer(name, new_module)`` right after each linear is replaced (e.g. to shard
             a block as soon as its last linear is quantized).
+        rounded: ``{qualified name: weight}`` to pack instead of the layer's own weight, for the layers named
+            (e.g. GPTQ-rounded weights from :func:`lightning_qlora.calibration.calibrated_weights`, which
+            bitsandbytes packs into exactly the codes chosen there). The fingerprint still hashes the layer's own
+            weights: the base is the same pretrained model.
 
     Returns:
         A :class:`QuantizationReport` with the names and byte counts (``bytes_before`` is in the original dtype).
@@ -132,6 +144,8 @@ def quantize_model(
         if config.quantized:
             weight = _full_precision_weight(module, target, scratch)
             samples[name] = weight_sample(name, weight)
+            if rounded is not None and name in rounded:
+                weight = rounded[name].to(target)
             new = _quantize_linear(module, weight, config, target)
             after = quantized_nbytes(new)
         else:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
@@ -19,9 +20,10 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_qlora.adapters import adapter_root
+from lightning_qlora.calibration import CalibrationError
 from lightning_qlora.checkpoint_io import AtomicCheckpointIO
 from lightning_qlora.precision import QLoRAPlugin
-from lightning_qlora.quantize import is_skipped, iter_linears
+from lightning_qlora.quantize import has_quantized_linears, is_skipped, iter_linears
 from lightning_qlora.sharding import (
     QuantStorageMismatchError,
     copy_full_into,
@@ -39,6 +41,8 @@ class _QLoRAStrategyMixin:
     adapter-only checkpoints restored after setup, and explained CUDA out-of-memory errors."""
 
     strategy_name: str
+    # Calibrating the 4-bit codes needs the whole full-precision model in one process (one device only, for now).
+    supports_calibration = False
 
     @property
     @override
@@ -49,8 +53,22 @@ class _QLoRAStrategyMixin:
     @override
     def setup(self, trainer: Trainer) -> None:
         plugin = self._qlora_plugin()
+        self._calibrate_if_asked(trainer, plugin)
         super().setup(trainer)
         self._log_conversion(trainer, plugin)
+
+    def _calibrate_if_asked(self, trainer: Trainer, plugin: QLoRAPlugin) -> None:
+        module = self.lightning_module
+        if plugin.quant.calibration == "none" or module is None or has_quantized_linears(adapter_root(module)):
+            return
+        if not self.supports_calibration:
+            raise CalibrationError(
+                f"QuantConfig(calibration={plugin.quant.calibration!r}) runs on one device: strategy="
+                f"{self.strategy_name!r} is not supported yet. Use strategy='qlora', or calibration='none'."
+            )
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        batches = _calibration_batches(trainer, plugin.quant.calibration_samples, device)
+        plugin.calibrate(module, batches)
 
     def _qlora_plugin(self) -> QLoRAPlugin:
         """The QLoRAPlugin (the default one when no precision was given), set to quantize on this device."""
@@ -102,6 +120,30 @@ class _QLoRAStrategyMixin:
         load_trainable_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
 
 
+def _calibration_batches(trainer: Trainer, samples: int, device: torch.device) -> list[Any]:
+    """The first ``samples`` rows of the datamodule's training set, in index order (so a resumed run calibrates on
+    the same data whatever the shuffling), collated as its training loader does and moved to ``device``."""
+    datamodule = trainer.datamodule
+    if datamodule is None:
+        raise CalibrationError(
+            "calibration needs training data at set-up: pass a LightningDataModule (trainer.fit(model, datamodule=dm))."
+        )
+    try:
+        loader = datamodule.train_dataloader()
+        dataset = loader.dataset
+        count = min(samples, len(dataset))
+    except Exception as err:  # a datamodule without a ready training set (e.g. set up for "validate" only)
+        raise CalibrationError(
+            f"calibration reads its sequences from {type(datamodule).__name__}.train_dataloader(), which failed: "
+            f"{type(err).__name__}: {err}. Set up the training data before fit/validate, or use calibration='none'."
+        ) from err
+    size = loader.batch_size or 8
+    return [
+        move_data_to_device(loader.collate_fn([dataset[i] for i in range(start, min(start + size, count))]), device)
+        for start in range(0, count, size)
+    ]
+
+
 class QLoRAStrategy(_QLoRAStrategyMixin, SingleDeviceStrategy):
     """Single-device strategy that converts the model on the accelerator and checkpoints adapters only.
 
@@ -121,6 +163,7 @@ class QLoRAStrategy(_QLoRAStrategyMixin, SingleDeviceStrategy):
     """
 
     strategy_name = "qlora"
+    supports_calibration = True
 
     def __init__(self, device: torch.device | str | int | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())

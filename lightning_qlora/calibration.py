@@ -1,0 +1,344 @@
+"""Calibrated 4-bit rounding (GPTQ for NF4/FP4): the same stored format, better codes.
+
+Round-to-nearest quantization (what bitsandbytes does, and PEFT with it) picks, for every weight, the 4-bit level
+closest to it. GPTQ (Frantar et al., 2022) instead picks the levels one input column at a time and moves the error of
+each choice onto the columns not yet quantized, weighted by the inverse Hessian ``H = 2 X^T X`` of the layer's
+calibration inputs ``X``: the layer's *output* error on real activations is minimized, not the weight error.
+
+Here the levels are NF4's (or FP4's) and each block of ``blocksize`` consecutive weights of a row keeps its absmax
+scale, computed from the error-updated weights when the block's first column is reached. So every rounded weight is
+exactly ``level * absmax`` and bitsandbytes' own ``quantize_4bit`` packs it into the very codes chosen here: the
+result is an ordinary NF4 (+ double quant) layer that bitsandbytes' kernels run unchanged.
+
+Blocks are calibrated in order, each on the outputs of the already-rounded blocks before it (as GPTQ does). Nothing
+of the model is changed here: :func:`calibrated_weights` returns the rounded weights, and
+:func:`lightning_qlora.quantize.quantize_model` packs them (``rounded=``) while the model's own weights keep
+their values (and fingerprint).
+
+Plain torch; nothing here knows about Lightning.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qlora._bnb import import_bitsandbytes
+from lightning_qlora.config import QuantConfig
+from lightning_qlora.quantize import is_skipped, iter_linears, progress_bar
+from lightning_qlora.sharding import shard_units
+
+log = logging.getLogger(__name__)
+
+# GPTQ's usual damping: 1% of the mean diagonal keeps the Hessian invertible when inputs are correlated.
+DEFAULT_DAMPING = 0.01
+# Keyword arguments of transformers' decoder layers that carry a KV cache.
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "cache")
+# Columns updated together before the rest of the matrix is touched (GPTQ's "lazy batch" update).
+_COLUMN_BATCH = 128
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot run on this model or data (the message says why and what to do)."""
+
+
+class _StopForward(Exception):
+    """Raised by a hook to stop a forward pass once the first block's inputs are captured."""
+
+
+@dataclass
+class CalibrationReport:
+    """What :func:`calibrated_weights` did.
+
+    Attributes:
+        layers: linears whose codes were chosen by GPTQ.
+        nearest: linears outside the calibrated blocks (or with rows not divisible into blocks), left to plain
+            round-to-nearest.
+        tokens: calibration tokens each layer saw (padding excluded).
+        seconds: wall time.
+    """
+
+    layers: int = 0
+    nearest: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def levels(quant_type: str) -> torch.Tensor:
+    """The 16 normalized levels of a bitsandbytes 4-bit type (``"nf4"`` or ``"fp4"``), sorted, on the CPU."""
+    bnb = import_bitsandbytes()
+    return bnb.functional.get_4bit_type(quant_type, device="cpu").float().sort().values
+
+
+def gptq_round(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    damping: float = DEFAULT_DAMPING,
+    act_order: bool = True,
+) -> torch.Tensor:
+    """GPTQ-round ``weight`` (``out x in``) onto ``quant_type`` levels with one absmax per ``blocksize`` weights.
+
+    Args:
+        weight: the full-precision weight; not modified.
+        hessian: ``in x in`` second moment of the layer's inputs (``X^T X / n``); a diagonal of zeros (an input never
+            active in the calibration data) is handled.
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        blocksize: weights per absmax block, along a row (``in_features`` must be a multiple of it).
+        damping: added to the diagonal, as a fraction of its mean.
+        act_order: round the columns with the largest input energy first (else left to right).
+
+    Returns:
+        The rounded weight in fp32, each value exactly ``level * block absmax``: ``bitsandbytes.functional.
+        quantize_4bit`` of it yields these very values (with ``hessian = identity`` it equals round-to-nearest).
+    """
+    rows, cols = weight.shape
+    if cols % blocksize:
+        raise CalibrationError(f"in_features={cols} is not a multiple of blocksize={blocksize}.")
+    device = weight.device
+    grid = levels(quant_type).to(device)
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    work = weight.detach().float().clone()
+    # Static blocks: each block's absmax comes from the original weights, and each row's largest weight of the block
+    # is pinned to +-absmax, so the rounded block's absmax is exactly the scale its codes were chosen for and
+    # bitsandbytes re-derives the same codes.
+    blocks = work.view(rows, cols // blocksize, blocksize)
+    peak = blocks.abs().argmax(dim=2, keepdim=True)
+    scales = blocks.abs().gather(2, peak).clamp_min(torch.finfo(torch.float32).tiny).squeeze(2)
+    peak_values = blocks.gather(2, peak).sign().squeeze(2) * scales
+    peak_columns = peak.squeeze(2) + torch.arange(0, cols, blocksize, device=device)
+    h = hessian.detach().float().to(device).clone()
+    diagonal = h.diagonal()
+    diagonal[diagonal == 0] = 1.0  # never-active inputs: decoupled, rounded to nearest
+    diagonal.add_(damping * diagonal.mean())
+    # Columns with the largest input energy first (GPTQ's act-order): their errors get the most columns to absorb them.
+    order = torch.argsort(diagonal, descending=True) if act_order else torch.arange(cols, device=device)
+    work = work[:, order]
+    h = h[order][:, order]
+    # Upper Cholesky factor of H^-1: row i holds how the error of column i spreads over the later columns.
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    rounded = torch.empty_like(work)
+    for start in range(0, cols, _COLUMN_BATCH):
+        end = min(start + _COLUMN_BATCH, cols)
+        errors = torch.empty(rows, end - start, device=device)
+        for i in range(start, end):
+            original = int(order[i])
+            block = original // blocksize
+            scale = scales[:, block : block + 1]
+            column = work[:, i : i + 1]
+            codes = torch.bucketize((column / scale).clamp(-1, 1), midpoints)
+            pinned = (peak_columns[:, block : block + 1] == original)
+            rounded[:, i : i + 1] = torch.where(pinned, peak_values[:, block : block + 1], grid[codes] * scale)
+            error = (column - rounded[:, i : i + 1]) / inverse[i, i]
+            work[:, i + 1 : end] -= error * inverse[i, i + 1 : end]
+            errors[:, i - start] = error[:, 0]
+        work[:, end:] -= errors @ inverse[start:end, end:]
+    result = torch.empty_like(rounded)
+    result[:, order] = rounded
+    return result
+
+
+def calibrated_weights(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[Any], Any] | None = None,
+    config: QuantConfig | None = None,
+    damping: float = DEFAULT_DAMPING,
+    progress: bool | None = None,
+) -> tuple[dict[str, torch.Tensor], CalibrationReport]:
+    """GPTQ-rounded weights for every linear ``quantize_model(model, config)`` would quantize, block by block.
+
+    Args:
+        model: the full-precision model (not on the meta device, not sharded); it is left unchanged.
+        batches: calibration batches, already on the model's device. A mapping with an ``attention_mask`` excludes
+            padding from the statistics.
+        forward: runs the model on one batch; by default ``model(**batch)`` for a mapping, else ``model(batch)``.
+        config: the quantization settings (type, blocksize, ``skip_modules``); ``QuantConfig()`` by default.
+        damping: see :func:`gptq_round`.
+        progress: show a progress bar over the blocks; ``None``: when there are many.
+
+    Returns:
+        ``({qualified linear name: rounded fp32 weight}, report)``. Linears outside the model's transformer blocks
+        (the elements of its longest ``ModuleList``) are not in the dict: they are rounded to nearest as usual.
+
+    Raises:
+        CalibrationError: no batches, a meta model, or no transformer blocks to calibrate.
+    """
+    config = config or QuantConfig()
+    forward = forward or default_forward(model)
+    started = time.perf_counter()
+    if any(p.is_meta for p in model.parameters()):
+        raise CalibrationError(
+            "calibration needs the full-precision weights, but the model has parameters on the meta device. Load the "
+            "pretrained weights first (calibration is for models that fit in memory before quantization), or use "
+            "calibration='none'."
+        )
+    blocks = shard_units(model)
+    if not blocks:
+        raise CalibrationError(
+            f"{type(model).__name__} has no transformer blocks (a ModuleList of layers with linears) to calibrate one "
+            "after another. Use calibration='none' (round to nearest)."
+        )
+    batches = list(batches)
+    if not batches:
+        raise CalibrationError("calibration got no batches: give it some training data (e.g. 256 sequences).")
+    report = CalibrationReport()
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()  # no dropout in the statistics
+    try:
+        rounded = _calibrate_blocks(blocks, batches, forward, config, damping, progress, report)
+    finally:
+        for module, training in was_training.items():
+            module.training = training
+    report.nearest = sum(
+        1 for name, _ in iter_linears(model) if name not in rounded and not is_skipped(name, config.skip_modules)
+    )
+    report.seconds = time.perf_counter() - started
+    log.info(
+        "Calibrated the 4-bit rounding of %d linears on %d tokens in %.0f s (%d rounded to nearest).",
+        report.layers, report.tokens, report.seconds, report.nearest,
+    )
+    return rounded, report
+
+
+def _calibrate_blocks(
+    blocks: list[tuple[str, nn.Module]],
+    batches: list[Any],
+    forward: Callable[[Any], Any],
+    config: QuantConfig,
+    damping: float,
+    progress: bool | None,
+    report: CalibrationReport,
+) -> dict[str, torch.Tensor]:
+    inputs = _first_block_inputs(blocks[0][1], batches, forward)
+    rounded: dict[str, torch.Tensor] = {}
+    show = progress if progress is not None else len(blocks) >= 8
+    with torch.no_grad():
+        for block_name, block in progress_bar(blocks, show, desc="Calibrating 4-bit rounding (GPTQ)"):
+            linears = [
+                (f"{block_name}.{name}", module)
+                for name, module in iter_linears(block)
+                if not is_skipped(f"{block_name}.{name}", config.skip_modules)
+            ]
+            modules = dict(linears)
+            second_moments, inputs = _input_second_moments(block, linears, inputs)
+            for names, total, tokens in second_moments:
+                if modules[names[0]].in_features % config.blocksize:
+                    continue  # bitsandbytes' blocks would straddle rows: round to nearest
+                # Rows are rounded independently given the shared statistics: one pass for all readers of an input.
+                stacked = torch.cat([modules[name].weight for name in names])
+                result = gptq_round(stacked, total / max(tokens, 1), config.quant_type, config.blocksize, damping)
+                for name, part in zip(names, result.split([modules[n].out_features for n in names])):
+                    rounded[name] = part.contiguous()
+                report.layers += len(names)
+                report.tokens = tokens
+    return rounded
+
+
+def default_forward(model: nn.Module) -> Callable[[Any], Any]:
+    """``model(**batch)`` for a mapping, ``model(*batch)`` for a tuple or list, else ``model(batch)``."""
+    def run(batch: Any) -> Any:
+        if isinstance(batch, Mapping):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+
+    return run
+
+
+@dataclass
+class _BlockInput:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    token_mask: torch.Tensor | None
+
+
+def _first_block_inputs(block: nn.Module, batches: list[Any], forward: Callable[[Any], Any]) -> list[_BlockInput]:
+    """Run the model up to its first block for every batch and keep that block's arguments."""
+    captured: list[_BlockInput] = []
+
+    def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        for key, value in kwargs.items():  # a KV cache would grow each time the block runs again
+            if key in _CACHE_ARGUMENTS or type(value).__name__.endswith("Cache"):
+                kwargs[key] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        captured.append(_BlockInput(args, kwargs, None))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    forward(batch)
+                except _StopForward:
+                    pass
+                else:
+                    raise CalibrationError("the forward pass never reached the model's first transformer block.")
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                captured[-1].token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    finally:
+        handle.remove()
+    return captured
+
+
+def _input_second_moments(
+    block: nn.Module, linears: list[tuple[str, nn.Module]], inputs: list[_BlockInput]
+) -> tuple[list[tuple[list[str], torch.Tensor, int]], list[_BlockInput]]:
+    """Run ``block`` once over ``inputs``. Returns ``[(names, X^T X summed over real tokens, token count)]``, one
+    entry per distinct input (q, k and v read the same tensor, as do gate and up: they share one entry), and the
+    block's outputs."""
+    groups: dict[str, list[Any]] = {}  # first reader's name -> [names, sum, tokens]
+    owner: dict[str, str] = {}  # every linear's name -> the first reader of its input
+    current: dict[str, Any] = {"mask": None, "seen": {}}
+
+    def accumulate(name: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...], __: Any) -> None:
+            x = args[0]
+            seen = current["seen"]
+            if id(x) in seen:
+                owner.setdefault(name, seen[id(x)][1])
+                return
+            seen[id(x)] = (x, owner.setdefault(name, name))  # keep x alive so its id stays unique
+            mask = current["mask"]
+            flat = x[mask] if mask is not None and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
+            flat = flat.detach().float()
+            if name not in groups:
+                groups[name] = [[], flat.T @ flat, flat.shape[0]]
+            else:
+                groups[name][1].addmm_(flat.T, flat)
+                groups[name][2] += flat.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_hook(accumulate(name)) for name, m in linears]
+    outputs = []
+    try:
+        for item in inputs:
+            current["mask"], current["seen"] = item.token_mask, {}
+            outputs.append(_next_input(item, block(*item.args, **item.kwargs)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, _ in linears:
+        if name in owner:
+            groups[owner[name]][0].append(name)
+    return [(names, total, int(tokens)) for names, total, tokens in groups.values()], outputs
+
+
+def _next_input(item: _BlockInput, out: Any) -> _BlockInput:
+    """The next block's input: this block's hidden states in place of its own."""
+    hidden = out[0] if isinstance(out, (tuple, list)) else out
+    if item.args:
+        return _BlockInput((hidden, *item.args[1:]), item.kwargs, item.token_mask)
+    return _BlockInput((), {**item.kwargs, "hidden_states": hidden}, item.token_mask)  # passed by keyword
