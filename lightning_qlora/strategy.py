@@ -22,6 +22,7 @@ from typing_extensions import override
 from lightning_qlora.adapters import adapter_root
 from lightning_qlora.calibration import CalibrationError
 from lightning_qlora.checkpoint_io import AtomicCheckpointIO
+from lightning_qlora.optim_in_backward import OptimizerInBackward
 from lightning_qlora.precision import QLoRAPlugin
 from lightning_qlora.quantize import has_quantized_linears, is_skipped, iter_linears
 from lightning_qlora.sharding import (
@@ -43,6 +44,8 @@ class _QLoRAStrategyMixin:
     strategy_name: str
     # Calibrating the 4-bit codes needs the whole full-precision model in one process (one device only, for now).
     supports_calibration = False
+    # A step inside backward sees a rank's own gradient, before DDP/FSDP reduce it: one device only.
+    supports_optimizer_in_backward = False
 
     @property
     @override
@@ -56,6 +59,34 @@ class _QLoRAStrategyMixin:
         self._calibrate_if_asked(trainer, plugin)
         super().setup(trainer)
         self._log_conversion(trainer, plugin)
+
+    @override
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        super().setup_optimizers(trainer)
+        if any(isinstance(o, OptimizerInBackward) for o in self.optimizers):
+            self._check_optimizer_in_backward(trainer)
+
+    def _check_optimizer_in_backward(self, trainer: Trainer) -> None:
+        problems = []
+        if trainer.gradient_clip_val:
+            problems.append(
+                f"gradient_clip_val={trainer.gradient_clip_val} needs every gradient at once; set it to None"
+            )
+        if trainer.accumulate_grad_batches > 1:
+            problems.append(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} needs the gradients kept across batches; "
+                "use a larger batch instead"
+            )
+        if not self.supports_optimizer_in_backward:
+            problems.append(
+                f"strategy={self.strategy_name!r} reduces gradients across ranks after backward, too late for a step "
+                "taken inside it; use strategy='qlora'"
+            )
+        if problems:
+            raise ValueError(
+                "OptimizerInBackward steps each parameter inside the backward pass and frees its gradient at once, so: "
+                + "; ".join(problems) + ". Or use a plain optimizer."
+            )
 
     def _calibrate_if_asked(self, trainer: Trainer, plugin: QLoRAPlugin) -> None:
         module = self.lightning_module
@@ -164,6 +195,7 @@ class QLoRAStrategy(_QLoRAStrategyMixin, SingleDeviceStrategy):
 
     strategy_name = "qlora"
     supports_calibration = True
+    supports_optimizer_in_backward = True
 
     def __init__(self, device: torch.device | str | int | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
