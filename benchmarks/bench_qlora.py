@@ -1,7 +1,7 @@
 """lightning_qlora's side of the H200 benchmark: the same Llama shapes, tokens and optimizer as the anchors.
 
     python benchmarks/bench_qlora.py --shape 7b --seq 2048 --rank 16 --ckpt 1 [--quant nf4|none] [--steps 8]
-        [--optim adamw|paged_adamw_8bit]
+        [--optim adamw|paged_adamw_8bit] [--optim-in-backward 1]
 
 Builds the model on the meta device, quantizes it layer by layer on the GPU with lightning_qlora.quantize_model (a
 7B or 65B model never exists in bf16), injects LoRA on all linear layers (r, alpha=2r, dropout 0.05, as the PEFT
@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--ckpt", type=int, default=1)
     ap.add_argument("--optim", default="adamw", choices=["adamw", "paged_adamw_8bit"])
+    ap.add_argument("--optim-in-backward", type=int, default=0,
+                    help="step each adapter tensor inside backward and free its gradient (OptimizerInBackward)")
     ap.add_argument("--fused", type=int, default=-1, help="LoRALinear.fused: 1 on, 0 the plain path, -1 auto (CUDA)")
     ap.add_argument("--compile", type=int, default=0, help="torch.compile each decoder layer")
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
@@ -89,9 +91,15 @@ def main() -> None:
     if a.optim == "paged_adamw_8bit":  # the QLoRA paper's optimizer: 8-bit states, paged to the CPU under pressure
         import bitsandbytes as bnb
 
-        opt = bnb.optim.PagedAdamW8bit(params, lr=1e-4)
+        optimizer_class, settings = bnb.optim.PagedAdamW8bit, dict(lr=1e-4)
     else:
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+        optimizer_class, settings = torch.optim.AdamW, dict(lr=1e-4, fused=cuda)
+    if a.optim_in_backward:
+        from lightning_qlora.optim_in_backward import OptimizerInBackward
+
+        opt = OptimizerInBackward(params, optimizer_class, **settings)  # steps happen inside loss.backward()
+    else:
+        opt = optimizer_class(params, **settings)
     model.train()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     static = torch.cuda.memory_allocated() if cuda else 0
@@ -126,7 +134,7 @@ def main() -> None:
     dt = (time.time() - t) / a.steps
     print(json.dumps(dict(
         system="lightning_qlora" if a.quant != "none" else "lightning_qlora-bf16-lora", quant=a.quant, shape=a.shape,
-        seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, optim=a.optim, fused=a.fused, compile=a.compile, trainable=trainable, setup_s=round(setup_s, 1),
+        seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, optim=a.optim, optim_in_backward=a.optim_in_backward, fused=a.fused, compile=a.compile, trainable=trainable, setup_s=round(setup_s, 1),
         static_gib=round(static / 2**30, 2), peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None, step_s=round(dt, 4),
         tok_s=round(a.bs * a.seq / dt), loss=float(loss))), flush=True)

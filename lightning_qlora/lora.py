@@ -158,7 +158,8 @@ class LoRALinear(nn.Module):
             merged = self.merged_weight(dequantize_weight(base).float())
             weight = base.weight
             set_quantized_weight(
-                base, merged, weight.quant_type, weight.blocksize, weight.compress_statistics, weight.dtype
+                base, merged, weight.quant_type, weight.blocksize, weight.compress_statistics, weight.dtype,
+                dequantize_to=base.quant_state.dtype,
             )
         else:
             self._unmerged_weight = base.weight.data.clone()

@@ -231,7 +231,8 @@ def _quantize_linear(linear: nn.Linear, weight: torch.Tensor, config: QuantConfi
         device="meta",
     )
     set_quantized_weight(
-        layer, weight, config.quant_type, config.blocksize, config.double_quant, config.torch_quant_storage
+        layer, weight, config.quant_type, config.blocksize, config.double_quant, config.torch_quant_storage,
+        dequantize_to=config.torch_compute_dtype,
     )
     if linear.bias is not None:
         bias = linear.bias.detach().to(device) if not linear.bias.is_meta else torch.zeros(linear.out_features, device=device)
@@ -246,11 +247,15 @@ def set_quantized_weight(
     blocksize: int,
     double_quant: bool,
     quant_storage: torch.dtype = torch.uint8,
+    dequantize_to: torch.dtype | None = None,
 ) -> None:
     """Quantize ``weight`` (``out_features x in_features``, any float dtype) into ``layer``'s 4-bit storage.
 
     ``quant_storage`` is only the tensor dtype the packed bytes are viewed as (FSDP needs it to match the dtype it
-    shards and casts the block's parameters in); the bytes are the same.
+    shards and casts the block's parameters in); the bytes are the same. ``dequantize_to`` is the dtype bitsandbytes
+    dequantizes into (default: ``weight``'s): the compute dtype, so a weight quantized from fp32 is not unpacked to
+    fp32 and cast down before every matmul (twice the bytes written, plus a copy; the values are identical, as the
+    kernel rounds its fp32 product to the output dtype either way).
     """
     bnb = import_bitsandbytes()
     packed, quant_state = bnb.functional.quantize_4bit(
@@ -260,6 +265,8 @@ def set_quantized_weight(
         quant_type=quant_type,
         quant_storage=quant_storage,
     )
+    if dequantize_to is not None:
+        quant_state.dtype = dequantize_to
     layer.weight = bnb.nn.Params4bit(
         packed,
         requires_grad=False,

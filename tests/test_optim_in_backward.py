@@ -123,3 +123,27 @@ def test_lightning_fit_and_resume_equal_the_plain_optimizer(tmp_path, tiny_llama
 def test_lightning_refuses_what_needs_every_gradient(tmp_path, tiny_llama_config, overrides, message):
     with pytest.raises(ValueError, match=message):
         _fit(tmp_path, _InBackwardModule, tiny_llama_config, 2, **overrides)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("optimizer", ["fused_adamw", "paged_adamw_8bit"])
+def test_cuda_optimizers_in_backward_match_their_plain_step(tiny_llama, optimizer):
+    import bitsandbytes as bnb
+
+    optimizer_class, settings = {
+        "fused_adamw": (torch.optim.AdamW, dict(lr=1e-2, fused=True)),
+        "paged_adamw_8bit": (bnb.optim.PagedAdamW8bit, dict(lr=1e-2, min_8bit_size=0)),
+    }[optimizer]
+    reference, fused = _qlora_llama(tiny_llama).cuda(), _qlora_llama(tiny_llama).cuda()
+    plain = optimizer_class([p for p in reference.parameters() if p.requires_grad], **settings)
+    in_backward = OptimizerInBackward(fused.parameters(), optimizer_class, **settings)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    for model, opt in ((reference, plain), (fused, in_backward)):
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in fused.parameters())
+    for key, value in lora_state_dict(reference).items():
+        torch.testing.assert_close(lora_state_dict(fused)[key], value, rtol=0, atol=1e-5, msg=key)
