@@ -42,12 +42,13 @@ def _train(model, optimizer, scheduler, steps: int = 5):
     return grads_alive_after_backward
 
 
-def test_same_updates_as_the_wrapped_optimizer_with_a_scheduler(tiny_llama):
+@pytest.mark.parametrize("bucket_mb", [0, 0.01, 64], ids=["per-tensor", "small-buckets", "one-bucket"])
+def test_same_updates_as_the_wrapped_optimizer_with_a_scheduler(tiny_llama, bucket_mb):
     reference, fused = _qlora_llama(tiny_llama), _qlora_llama(tiny_llama)
     before = {k: v.clone() for k, v in lora_state_dict(reference).items()}
     settings = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
     plain = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], **settings)
-    in_backward = OptimizerInBackward(fused.parameters(), torch.optim.AdamW, **settings)
+    in_backward = OptimizerInBackward(fused.parameters(), torch.optim.AdamW, bucket_mb=bucket_mb, **settings)
 
     def halve_each_step(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
@@ -62,6 +63,17 @@ def test_same_updates_as_the_wrapped_optimizer_with_a_scheduler(tiny_llama):
     for key in after_plain:
         torch.testing.assert_close(after_fused[key], after_plain[key], rtol=0, atol=1e-6, msg=key)
     assert in_backward.inner[0].param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**4)
+    tensors = len(plain.param_groups[0]["params"])
+    assert len(in_backward.buckets) == {0: tensors, 64: 1}.get(bucket_mb, len(in_backward.buckets))
+    assert 1 < len(in_backward.buckets) < tensors or bucket_mb in (0, 64)
+
+
+def test_a_bucket_with_an_unused_parameter_steps_at_the_end():
+    used, unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    optimizer = OptimizerInBackward([*used.parameters(), *unused.parameters()], torch.optim.SGD, lr=0.1)
+    before = used.weight.detach().clone()
+    optimizer.step(lambda: used(torch.ones(1, 4)).sum().backward())
+    assert not torch.equal(used.weight, before) and used.weight.grad is None
 
 
 def test_state_dict_round_trip_and_mismatch(tiny_llama):
@@ -70,10 +82,11 @@ def test_state_dict_round_trip_and_mismatch(tiny_llama):
     _train(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), steps=2)
     state = optimizer.state_dict()
     restored = OptimizerInBackward(_qlora_llama(tiny_llama).parameters(), torch.optim.AdamW, lr=1e-2)
+    assert len(restored.inner) == 1  # 28 small tensors fit one 64 MB bucket
     restored.load_state_dict(copy.deepcopy(state))
-    assert int(restored.inner[3].state_dict()["state"][0]["step"]) == 2
-    other = OptimizerInBackward([torch.nn.Parameter(torch.zeros(2))], torch.optim.AdamW, lr=1e-2)
-    with pytest.raises(ValueError, match="saved for another model"):
+    assert int(restored.inner[0].state_dict()["state"][3]["step"]) == 2
+    other = OptimizerInBackward(_qlora_llama(tiny_llama).parameters(), torch.optim.AdamW, bucket_mb=0, lr=1e-2)
+    with pytest.raises(ValueError, match="saved for another model, optimizer or bucket_mb"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="no parameter that requires grad"):
         OptimizerInBackward([torch.zeros(2)], torch.optim.AdamW)
@@ -81,7 +94,7 @@ def test_state_dict_round_trip_and_mismatch(tiny_llama):
 
 class _InBackwardModule(CausalLMModule):
     def configure_optimizers(self):
-        return OptimizerInBackward(self.parameters(), torch.optim.AdamW, lr=self.lr)
+        return OptimizerInBackward(self.parameters(), torch.optim.AdamW, bucket_mb=0.01, lr=self.lr)
 
 
 def _fit(tmp_path, module_class, config, max_steps, ckpt_path=None, callbacks=(), **overrides):
@@ -137,7 +150,7 @@ def test_cuda_optimizers_in_backward_match_their_plain_step(tiny_llama, optimize
     }[optimizer]
     reference, fused = _qlora_llama(tiny_llama).cuda(), _qlora_llama(tiny_llama).cuda()
     plain = optimizer_class([p for p in reference.parameters() if p.requires_grad], **settings)
-    in_backward = OptimizerInBackward(fused.parameters(), optimizer_class, **settings)
+    in_backward = OptimizerInBackward(fused.parameters(), optimizer_class, bucket_mb=0.01, **settings)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)).cuda()
     for model, opt in ((reference, plain), (fused, in_backward)):
         for _ in range(3):
