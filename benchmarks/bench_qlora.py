@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--optim", default="adamw", choices=["adamw", "paged_adamw_8bit"])
     ap.add_argument("--optim-in-backward", type=int, default=0,
                     help="step each adapter tensor inside backward and free its gradient (OptimizerInBackward)")
+    ap.add_argument("--dequantize-fp32", type=int, default=0,
+                    help="A/B of the fix: dequantize the 4-bit weights to fp32 and cast (the behaviour before it)")
     ap.add_argument("--fused", type=int, default=-1, help="LoRALinear.fused: 1 on, 0 the plain path, -1 auto (CUDA)")
     ap.add_argument("--compile", type=int, default=0, help="torch.compile each decoder layer")
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
@@ -78,6 +80,12 @@ def main() -> None:
 
     LoRALinear.fused = None if a.fused < 0 else bool(a.fused)
     model = build(a.shape, a.quant, a.rank, device)
+    if a.dequantize_fp32:
+        from lightning_qlora.quantize import is_quantized_linear, quant_state_of
+
+        for layer in model.modules():
+            if is_quantized_linear(layer):
+                quant_state_of(layer).dtype = torch.float32
     if a.compile:  # what QLoRAPlugin(compile=True) does after conversion
         from lightning_qlora.kernels import compile_blocks
 
@@ -134,7 +142,7 @@ def main() -> None:
     dt = (time.time() - t) / a.steps
     print(json.dumps(dict(
         system="lightning_qlora" if a.quant != "none" else "lightning_qlora-bf16-lora", quant=a.quant, shape=a.shape,
-        seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, optim=a.optim, optim_in_backward=a.optim_in_backward, fused=a.fused, compile=a.compile, trainable=trainable, setup_s=round(setup_s, 1),
+        seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, optim=a.optim, optim_in_backward=a.optim_in_backward, dequantize_fp32=a.dequantize_fp32, fused=a.fused, compile=a.compile, trainable=trainable, setup_s=round(setup_s, 1),
         static_gib=round(static / 2**30, 2), peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None, step_s=round(dt, 4),
         tok_s=round(a.bs * a.seq / dt), loss=float(loss))), flush=True)
