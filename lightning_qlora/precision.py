@@ -281,9 +281,12 @@ def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
 def _logical_param_count(module: nn.Module) -> int:
     """Parameters as the model has them: a packed 4-bit weight (two values per byte, possibly sharded by FSDP)
     counts as its logical ``out x in`` shape."""
-    total = 0
+    total, seen = 0, set()
     for sub in module.modules():
         for name, param in sub.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue  # tied weights (e.g. lm_head and the embeddings) count once
+            seen.add(id(param))
             state = quant_state_of(sub) if name == "weight" and is_quantized_linear(sub) else None
             shape = getattr(state, "shape", None)
             total += int(torch.Size(shape).numel()) if shape is not None else param.numel()

@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from lightning_qlora import LoRAConfig, QuantConfig
+from lightning_qlora.adapters import read_adapter_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,6 +132,22 @@ def test_the_app_runs_fully_sharded_on_two_processes(tmp_path, smollm2_path):
 
 
 @pytest.mark.slow
+def test_the_app_calibrates_and_steps_in_backward(tmp_path, smollm2_path):
+    """The two memory/fidelity options from the command line: GPTQ-calibrated codes and AdamW inside backward."""
+    result = _run_app(["experiment=smoke", "trainer.max_steps=2", "eval.sample_terms=0", "eval.perplexity=false",
+                       "logger=csv", "quant.calibration=gptq", "quant.calibration_samples=8",
+                       "model.optimizer_in_backward=true", "trainer.gradient_clip_val=null"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Calibrated the 4-bit codes of 210 linears with GPTQ" in result.stdout + result.stderr
+    adapter = next(tmp_path.rglob("adapter_config.json")).parent
+    metadata = read_adapter_metadata(adapter)
+    assert metadata["quantization"]["calibration"] == "gptq"
+
+    refused = _run_app(["experiment=smoke", "trainer.max_steps=2", "eval.sample_terms=0", "eval.perplexity=false",
+                        "logger=none", "model.optimizer_in_backward=true"], cwd=tmp_path)
+    assert refused.returncode != 0 and "gradient_clip_val=1.0" in refused.stderr
+
+
 def test_sweep_runs_one_job_per_value(tmp_path, smollm2_path):
     result = _run_app(
         ["-m", "lora.r=4,8", "experiment=smoke", "trainer.max_steps=2", "eval.perplexity=false",

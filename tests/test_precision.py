@@ -164,3 +164,13 @@ def test_compile_option_compiles_each_block_and_trains_like_eager(tiny_llama_con
         assert abs(e - c) / e < 2e-2, (eager.losses, compiled.losses)
     with pytest.raises(TypeError, match="compile="):
         QLoRAPlugin(compile="yes")
+
+
+def test_tied_embeddings_count_once_in_the_summary(tiny_llama_config):
+    tiny_llama_config.tie_word_embeddings = True
+    module = CausalLMModule(tiny_llama_config)
+    assert module.model.lm_head.weight is module.model.model.embed_tokens.weight
+    before = sum(p.numel() for p in module.parameters())  # parameters() yields a tied tensor once
+    plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=4))
+    plugin.convert_module(module)
+    assert plugin.summary.total_params == before + plugin.summary.trainable_params
