@@ -221,3 +221,14 @@ def test_calibrated_codes_pack_exactly_with_the_cuda_kernels(tiny_llama, tiny_ll
         return float((_logits(m, batches) - reference).pow(2).mean())
 
     assert error(calibrated_model) < 0.8 * error(nearest_model)
+
+
+def test_singular_statistics_get_more_damping_or_a_clear_error():
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(4))
+    x[:, 1] = x[:, 0]  # two identical input channels: X^T X is singular
+    x[:, 2] = -x[:, 0]
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(CalibrationError, match="stay singular"):
+        gptq_round(weight, x.T @ x / len(x), damping=0.0)
+    rounded = gptq_round(weight, x.T @ x / len(x), damping=1e-7)  # retried with 10x, 100x, 1000x more
+    assert torch.equal(_nearest(rounded, "nf4"), rounded)
