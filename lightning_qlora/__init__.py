@@ -6,9 +6,11 @@
 """
 
 from lightning_qlora.adapters import load_adapter, save_adapter
+from lightning_qlora.calibration import CalibrationError, calibrated_weights
 from lightning_qlora.callbacks import AdapterCheckpoint, PeakMemoryMonitor
 from lightning_qlora.config import ConfigError, LoRAConfig, QuantConfig
 from lightning_qlora.lora import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from lightning_qlora.optim_in_backward import OptimizerInBackward
 from lightning_qlora.precision import QLoRAPlugin
 from lightning_qlora.quantize import QuantizationReport, quantize_model
 from lightning_qlora.sharding import QuantStorageMismatchError
@@ -18,9 +20,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCheckpoint",
+    "CalibrationError",
     "ConfigError",
     "LoRAConfig",
     "LoRALinear",
+    "OptimizerInBackward",
     "PeakMemoryMonitor",
     "QLoRAPlugin",
     "QLoRADDPStrategy",
@@ -29,6 +33,7 @@ __all__ = [
     "QuantConfig",
     "QuantStorageMismatchError",
     "QuantizationReport",
+    "calibrated_weights",
     "inject_lora",
     "load_adapter",
     "lora_state_dict",
