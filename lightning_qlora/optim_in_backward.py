@@ -65,9 +65,20 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self.inner = [optimizer_class(bucket, **defaults) for bucket in self.buckets]
         self._bucket_of = {p: i for i, bucket in enumerate(self.buckets) for p in bucket}
         self._ready = [0] * len(self.buckets)
+        self._skip_next = False
+        # While True, the tensors whose gradient was non-zero in the last backward are kept in ``gradients_seen``
+        # (a gradient check cannot look at ``.grad`` afterwards: it is gone).
+        self.record_gradients = False
+        self.gradients_seen: set[torch.Tensor] = set()
         self._handles = [p.register_post_accumulate_grad_hook(self._gradient_ready) for p in trainable]
 
+    def skip_next_backward(self) -> None:
+        """Drop the gradients of the next backward pass without any update (e.g. a batch with a NaN loss)."""
+        self._skip_next = True
+
     def _gradient_ready(self, param: torch.Tensor) -> None:
+        if self.record_gradients and param.grad is not None and bool(param.grad.detach().abs().sum() > 0):
+            self.gradients_seen.add(param)
         index = self._bucket_of[param]
         self._ready[index] += 1
         if self._ready[index] == len(self.buckets[index]):
@@ -78,7 +89,8 @@ class OptimizerInBackward(torch.optim.Optimizer):
         group = self.param_groups[0]
         for own in inner.param_groups:  # a scheduler changes the wrapper's lr; every bucket follows
             own.update({k: v for k, v in group.items() if k != "params"})
-        inner.step()
+        if not self._skip_next:
+            inner.step()
         inner.zero_grad(set_to_none=True)
         self._ready[index] = 0
 
@@ -87,12 +99,14 @@ class OptimizerInBackward(torch.optim.Optimizer):
         """Runs ``closure`` (the parameters are updated during its backward), then steps the buckets left partly
         ready (parameters that got no gradient), and returns the closure's result."""
         result = None
+        self.gradients_seen = set()
         if closure is not None:
             with torch.enable_grad():
                 result = closure()
         for index, ready in enumerate(self._ready):
             if ready:
                 self._step_bucket(index)
+        self._skip_next = False
         return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -84,19 +84,29 @@ class _QLoRAStrategyMixin:
             )
         if problems:
             raise ValueError(
-                "OptimizerInBackward steps each parameter inside the backward pass and frees its gradient at once, so: "
+                "OptimizerInBackward steps the adapters inside the backward pass and frees their gradients at once, so: "
                 + "; ".join(problems) + ". Or use a plain optimizer."
+            )
+
+    @override
+    def connect(self, model: Any) -> None:
+        # Before any process group exists: refuse what this strategy cannot do with the plugin's settings.
+        if isinstance(self.precision_plugin, QLoRAPlugin):
+            self._refuse_unsupported_calibration(self.precision_plugin)
+        super().connect(model)
+
+    def _refuse_unsupported_calibration(self, plugin: QLoRAPlugin) -> None:
+        if plugin.quant.calibration != "none" and not self.supports_calibration:
+            raise CalibrationError(
+                f"QuantConfig(calibration={plugin.quant.calibration!r}) runs on one device: strategy="
+                f"{self.strategy_name!r} is not supported yet. Use strategy='qlora', or calibration='none'."
             )
 
     def _calibrate_if_asked(self, trainer: Trainer, plugin: QLoRAPlugin) -> None:
         module = self.lightning_module
         if plugin.quant.calibration == "none" or module is None or has_quantized_linears(adapter_root(module)):
             return
-        if not self.supports_calibration:
-            raise CalibrationError(
-                f"QuantConfig(calibration={plugin.quant.calibration!r}) runs on one device: strategy="
-                f"{self.strategy_name!r} is not supported yet. Use strategy='qlora', or calibration='none'."
-            )
+        self._refuse_unsupported_calibration(plugin)
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         batches = _calibration_batches(trainer, plugin.quant.calibration_samples, device)
         plugin.calibrate(module, batches)

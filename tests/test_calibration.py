@@ -4,6 +4,7 @@ nearest on the layers' outputs."""
 from __future__ import annotations
 
 import logging
+import os
 
 import bitsandbytes as bnb
 import pytest
@@ -187,10 +188,20 @@ def test_calibration_needs_a_datamodule_and_one_device(tmp_path, tiny_llama_conf
     trainer, _ = _calibrating_trainer(tmp_path)
     with pytest.raises(CalibrationError, match="LightningDataModule"):
         trainer.fit(_TokenModule(tiny_llama_config), train_dataloaders=token_loader())
-    plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32", calibration="gptq"))
-    ddp = fast_trainer(plugins=[plugin], strategy="qlora_ddp", default_root_dir=tmp_path)
-    with pytest.raises(CalibrationError, match="strategy='qlora_ddp' is not supported"):
-        ddp.fit(_TokenModule(tiny_llama_config), datamodule=_TokenData())
+
+    # Refused when the strategy connects the model, before DDP starts a process group. Lightning's DDP set-up writes
+    # rank and port variables into this process's environment: put it back, or a later DDP test's processes would
+    # believe they were launched externally and wait for ranks that never come.
+    saved = dict(os.environ)
+    try:
+        plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32", calibration="gptq"))
+        ddp = fast_trainer(plugins=[plugin], strategy="qlora_ddp", default_root_dir=tmp_path)
+        with pytest.raises(CalibrationError, match="strategy='qlora_ddp' is not supported"):
+            ddp.fit(_TokenModule(tiny_llama_config), datamodule=_TokenData())
+        assert not torch.distributed.is_initialized()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
     plugin = QLoRAPlugin(quant=QuantConfig(calibration="gptq"))
     with pytest.raises(CalibrationError, match="no calibration ran"):

@@ -8,8 +8,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers import CausalLMModule, fast_trainer, token_loader
+from helpers import CausalLMModule, RegressionModule, fast_trainer, regression_loader, token_loader
 from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig, inject_lora, mark_only_lora_as_trainable, quantize_model
+from lightning_qlora.callbacks import NoAdapterGradientError, TrainingGuard
 from lightning_qlora.lora import lora_state_dict
 from lightning_qlora.optim_in_backward import OptimizerInBackward
 
@@ -160,3 +161,45 @@ def test_cuda_optimizers_in_backward_match_their_plain_step(tiny_llama, optimize
     assert all(p.grad is None for p in fused.parameters())
     for key, value in lora_state_dict(reference).items():
         torch.testing.assert_close(lora_state_dict(fused)[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+class _InBackwardRegression(RegressionModule):
+    def __init__(self, poison_batch: int | None = None, zero_gradients: bool = False) -> None:
+        super().__init__()
+        self.poison_batch, self.zero_gradients = poison_batch, zero_gradients
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == self.poison_batch:
+            loss = loss * float("nan")
+        return loss * 0.0 if self.zero_gradients else loss
+
+    def configure_optimizers(self):
+        return OptimizerInBackward(self.parameters(), torch.optim.AdamW, lr=self.lr)
+
+
+def _guarded_fit(module, guard, max_steps=6):
+    trainer = fast_trainer(plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], callbacks=[guard], max_steps=max_steps)
+    trainer.fit(module, regression_loader())
+
+
+def _adapters_finite(module):
+    return all(torch.isfinite(p).all() for n, p in module.named_parameters() if "lora_" in n)
+
+
+def test_training_guard_sees_the_gradients_of_steps_taken_in_backward():
+    module = _InBackwardRegression()
+    _guarded_fit(module, TrainingGuard())  # real gradients: the check passes although .grad is gone
+    assert len(module.losses) == 6
+    assert all(p.abs().sum() > 0 for n, p in module.named_parameters() if n.endswith("lora_B.weight"))  # updated
+    with pytest.raises(NoAdapterGradientError, match="Only 0 of 3 LoRA adapters received a gradient at step 0"):
+        _guarded_fit(_InBackwardRegression(zero_gradients=True), TrainingGuard())
+
+
+def test_a_skipped_nan_batch_updates_nothing_in_backward():
+    module = _InBackwardRegression(poison_batch=2)
+    guard = TrainingGuard(on_nan="skip")
+    with pytest.warns(UserWarning, match="Skipping a batch: the loss is nan"):
+        _guarded_fit(module, guard)
+    assert guard.skipped == [(2, 2)]
+    assert _adapters_finite(module)  # the NaN gradients were dropped, not applied inside backward

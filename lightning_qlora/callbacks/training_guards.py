@@ -10,6 +10,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_qlora.optim_in_backward import OptimizerInBackward
+
 log = logging.getLogger(__name__)
 
 
@@ -60,6 +62,7 @@ class TrainingGuard(Callback):
         self._skip_this_batch = False
         if torch.isfinite(loss.detach()).all():
             self._consecutive = 0
+            self._prepare_steps_in_backward(trainer)
             return
         step, batch_idx = trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.current.processed
         where = f"loss is {loss.detach().float().item()} at optimizer step {step}, batch index {batch_idx}"
@@ -73,6 +76,7 @@ class TrainingGuard(Callback):
         self._skip_this_batch = True
         self.skipped.append((step, batch_idx))
         rank_zero_warn(f"Skipping a batch: the {where} ({self._consecutive} in a row).")
+        self._prepare_steps_in_backward(trainer)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
@@ -82,13 +86,25 @@ class TrainingGuard(Callback):
                     param.grad = None  # AdamW leaves parameters without a gradient untouched
             return
         if trainer.global_step < self.check_steps:
-            self._check_gradient_flow(pl_module)
+            self._check_gradient_flow(pl_module, optimizer)
 
-    def _check_gradient_flow(self, pl_module: LightningModule) -> None:
+    def _prepare_steps_in_backward(self, trainer: Trainer) -> None:
+        """An optimizer stepping inside backward must hear before backward: skip this batch, record gradients."""
+        for optimizer in trainer.optimizers:
+            if isinstance(optimizer, OptimizerInBackward):
+                if self._skip_this_batch:
+                    optimizer.skip_next_backward()
+                optimizer.record_gradients = trainer.global_step < self.check_steps
+
+    def _check_gradient_flow(self, pl_module: LightningModule, optimizer: Any = None) -> None:
         adapters = [(n, p) for n, p in pl_module.named_parameters() if n.endswith("lora_B.weight") and p.requires_grad]
         if not adapters:
             return
-        flowing = {n for n, p in adapters if p.grad is not None and bool(p.grad.detach().abs().sum() > 0)}
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        if isinstance(optimizer, OptimizerInBackward):  # the gradients are gone already; it kept which ones came
+            flowing = {n for n, p in adapters if p in optimizer.gradients_seen}
+        else:
+            flowing = {n for n, p in adapters if p.grad is not None and bool(p.grad.detach().abs().sum() > 0)}
         if len(flowing) < self.min_gradient_fraction * len(adapters):
             silent = [n for n, _ in adapters if n not in flowing]
             raise NoAdapterGradientError(
