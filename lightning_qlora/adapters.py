@@ -23,7 +23,13 @@ from lightning_qlora._atomic import atomic_directory, recover_interrupted_write
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.fingerprint import FingerprintMismatchError, base_fingerprint, compare_fingerprints, describe
 from lightning_qlora.lora import LoRALinear, base_linears, inject_lora, iter_lora_layers
-from lightning_qlora.quantize import CALIBRATION_ATTR, is_quantized_linear, quant_state_of, quantize_model
+from lightning_qlora.quantize import (
+    CALIBRATION_ATTR,
+    has_quantized_linears,
+    is_quantized_linear,
+    quant_state_of,
+    quantize_model,
+)
 from lightning_qlora.sharding import full_tensor
 
 log = logging.getLogger(__name__)
@@ -322,7 +328,7 @@ def _warn_calibration_mismatch(facts: dict[str, Any], root: nn.Module, path: Pat
     on a base rounded another way it still works, but not exactly as trained."""
     trained_on = (facts.get("quantization") or {}).get("calibration", "none")
     here = quantization_settings(root).get("calibration", "none")
-    if trained_on != here and any(is_quantized_linear(m) for _, m in base_linears(root)):
+    if trained_on != here and has_quantized_linears(root):
         log.warning(
             "Adapter %s was trained on a 4-bit base with calibration=%r, but this base has calibration=%r: its outputs "
             "will differ slightly from the trained model's. Quantize the base the same way (QuantConfig(calibration="

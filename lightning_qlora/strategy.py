@@ -105,8 +105,7 @@ class _QLoRAStrategyMixin:
     def _calibrate_if_asked(self, trainer: Trainer, plugin: QLoRAPlugin) -> None:
         module = self.lightning_module
         if plugin.quant.calibration == "none" or module is None or has_quantized_linears(adapter_root(module)):
-            return
-        self._refuse_unsupported_calibration(plugin)
+            return  # (a strategy that cannot calibrate refused already in connect)
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         batches = _calibration_batches(trainer, plugin.quant.calibration_samples, device)
         plugin.calibrate(module, batches)
