@@ -60,6 +60,12 @@ RUNS: list[tuple[str, str, str, list[str]]] = [
      [OURS, *B65, "--optim-in-backward", "1"]),
     ("65b-ours-paged-inbwd", "65b", "lightning_qlora nf4-dq, paged 8-bit AdamW stepped in backward",
      [OURS, *B65, *PAGED, "--optim-in-backward", "1"]),
+    ("65b-ours-compile", "65b", "lightning_qlora nf4-dq, torch.compile per block",
+     [OURS, *B65, "--compile", "1"]),
+    ("65b-ours-compile-inbwd", "65b", "lightning_qlora nf4-dq, compiled, fused AdamW stepped in backward",
+     [OURS, *B65, "--compile", "1", "--optim-in-backward", "1"]),
+    ("65b-ours-paged-inbwd-compile", "65b", "lightning_qlora nf4-dq, compiled, paged 8-bit AdamW stepped in backward",
+     [OURS, *B65, *PAGED, "--optim-in-backward", "1", "--compile", "1"]),
 ]
 
 # Llama-2-7B: 6.74e9 parameters; an H200 sustains ~790 TFLOP/s of bf16 matmul and ~4.3 TB/s (device README).
