@@ -49,6 +49,10 @@ _CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "cache")
 _COLUMN_BATCH = 128
 
 
+# on_layer(qualified linear name, its own weight, the weight to pack, input second moment X^T X / n)
+LayerStatisticsHook = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
 class CalibrationError(ValueError):
     """Calibration cannot run on this model or data (the message says why and what to do)."""
 
@@ -171,6 +175,8 @@ def calibrated_weights(
     config: QuantConfig | None = None,
     damping: float = DEFAULT_DAMPING,
     progress: bool | None = None,
+    rounding: str = "gptq",
+    on_layer: LayerStatisticsHook | None = None,
 ) -> tuple[dict[str, torch.Tensor], CalibrationReport]:
     """GPTQ-rounded weights for every linear ``quantize_model(model, config)`` would quantize, block by block.
 
@@ -182,6 +188,12 @@ def calibrated_weights(
         config: the quantization settings (type, blocksize, ``skip_modules``); ``QuantConfig()`` by default.
         damping: see :func:`gptq_round`.
         progress: show a progress bar over the blocks; ``None``: when there are many.
+        rounding: ``"gptq"``, or ``"nearest"`` to only gather the statistics for ``on_layer`` (nothing is rounded
+            here and the dict returned is empty: the layers keep bitsandbytes' round-to-nearest).
+        on_layer: called as ``on_layer(name, weight, packed, hessian)`` for every calibrated linear, with its own
+            weight, the weight that will be packed (GPTQ-rounded, or its own) and its input second moment
+            ``X^T X / n`` (shared by the linears that read one input; do not modify them). E.g. to initialize adapters from the rounding
+            error (:mod:`lightning_qlora.lora_init`).
 
     Returns:
         ``({qualified linear name: rounded fp32 weight}, report)``. Linears outside the model's transformer blocks
@@ -193,6 +205,8 @@ def calibrated_weights(
     config = config or QuantConfig()
     forward = forward or default_forward(model)
     started = time.perf_counter()
+    if rounding not in ("gptq", "nearest"):
+        raise CalibrationError(f"rounding={rounding!r} must be 'gptq' or 'nearest'.")
     if any(p.is_meta for p in model.parameters()):
         raise CalibrationError(
             "calibration needs the full-precision weights, but the model has parameters on the meta device. Load the "
@@ -212,7 +226,7 @@ def calibrated_weights(
     was_training = {m: m.training for m in model.modules()}
     model.eval()  # no dropout in the statistics
     try:
-        rounded = _calibrate_blocks(blocks, batches, forward, config, damping, progress, report)
+        rounded = _calibrate_blocks(blocks, batches, forward, config, damping, progress, report, rounding, on_layer)
     finally:
         for module, training in was_training.items():
             module.training = training
@@ -220,10 +234,13 @@ def calibrated_weights(
         1 for name, _ in iter_linears(model) if name not in rounded and not is_skipped(name, config.skip_modules)
     )
     report.seconds = time.perf_counter() - started
-    log.info(
-        "Calibrated the 4-bit rounding of %d linears on %d tokens in %.0f s (%d rounded to nearest).",
-        report.layers, report.tokens, report.seconds, report.nearest,
-    )
+    if rounding == "gptq":
+        log.info(
+            "Calibrated the 4-bit rounding of %d linears on %d tokens in %.0f s (%d rounded to nearest).",
+            report.layers, report.tokens, report.seconds, report.nearest,
+        )
+    else:
+        log.info("Gathered the input statistics of the linears on %d tokens in %.0f s.", report.tokens, report.seconds)
     return rounded, report
 
 
@@ -235,12 +252,15 @@ def _calibrate_blocks(
     damping: float,
     progress: bool | None,
     report: CalibrationReport,
+    rounding: str = "gptq",
+    on_layer: LayerStatisticsHook | None = None,
 ) -> dict[str, torch.Tensor]:
     inputs = _first_block_inputs(blocks[0][1], batches, forward)
     rounded: dict[str, torch.Tensor] = {}
     show = progress if progress is not None else len(blocks) >= 8
     with torch.no_grad():
-        for block_name, block in progress_bar(blocks, show, desc="Calibrating 4-bit rounding (GPTQ)"):
+        desc = "Calibrating 4-bit rounding (GPTQ)" if rounding == "gptq" else "Gathering calibration statistics"
+        for block_name, block in progress_bar(blocks, show, desc=desc):
             linears = [
                 (f"{block_name}.{name}", module)
                 for name, module in iter_linears(block)
@@ -249,15 +269,21 @@ def _calibrate_blocks(
             modules = dict(linears)
             second_moments, inputs = _input_second_moments(block, linears, inputs)
             for names, total, tokens in second_moments:
-                if modules[names[0]].in_features % config.blocksize:
-                    continue  # bitsandbytes' blocks would straddle rows: round to nearest
-                # Rows are rounded independently given the shared statistics: one pass for all readers of an input.
-                stacked = torch.cat([modules[name].weight for name in names])
-                result = gptq_round(stacked, total / max(tokens, 1), config.quant_type, config.blocksize, damping)
-                for name, part in zip(names, result.split([modules[n].out_features for n in names])):
-                    rounded[name] = part.contiguous()
-                report.layers += len(names)
+                hessian = total / max(tokens, 1)
                 report.tokens = tokens
+                if rounding == "gptq" and not modules[names[0]].in_features % config.blocksize:
+                    # (else bitsandbytes' blocks would straddle rows: round to nearest)
+                    # Rows are rounded independently given the shared statistics: one pass for all readers of an input.
+                    stacked = torch.cat([modules[name].weight for name in names])
+                    result = gptq_round(stacked, hessian, config.quant_type, config.blocksize, damping)
+                    for name, part in zip(names, result.split([modules[n].out_features for n in names])):
+                        rounded[name] = part.contiguous()
+                    report.layers += len(names)
+                if on_layer is not None:
+                    for name in names:
+                        weight = modules[name].weight.detach()
+                        on_layer(name, weight, rounded.get(name, weight), hessian)
+                del hessian
     return rounded
 
 

@@ -26,8 +26,9 @@ COMPUTE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.
 QUANT_STORAGES: dict[str, torch.dtype | None] = {
     "auto": None, "uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32
 }
-# The blocksizes bitsandbytes' 4-bit kernels accept (bitsandbytes.functional.quantize_4bit).
 CALIBRATIONS: tuple[str, ...] = ("none", "gptq")
+LORA_INITS: tuple[str, ...] = ("default", "cloq")
+# The blocksizes bitsandbytes' 4-bit kernels accept (bitsandbytes.functional.quantize_4bit).
 SUPPORTED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 ALL_LINEAR = "all-linear"
 
@@ -172,6 +173,11 @@ class LoRAConfig:
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         use_dora: DoRA (weight-decomposed LoRA): a trainable per-output magnitude vector times the normalized
             direction ``W + scaling * B @ A``, as in the DoRA paper and PEFT. Costs a dequantize per forward.
+        init_lora_weights: ``"default"`` (PEFT's: Kaiming-uniform ``A``, zero ``B``: training starts from the
+            quantized base) or ``"cloq"``: ``B @ A`` starts as the rank-``r`` correction of the 4-bit rounding error
+            that best restores each layer's outputs on ``QuantConfig.calibration_samples`` training sequences
+            (:mod:`lightning_qlora.lora_init`). Needs calibration data (``strategy="qlora"`` with a datamodule);
+            with ``quant_type="none"`` there is no rounding error and it is the default init.
 
     Raises:
         ConfigError: listing every invalid value at once.
@@ -187,6 +193,7 @@ class LoRAConfig:
     target_modules: str | Sequence[str] = ALL_LINEAR
     use_rslora: bool = False
     use_dora: bool = False
+    init_lora_weights: str = "default"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -206,6 +213,11 @@ class LoRAConfig:
             problems.append(f"use_rslora={self.use_rslora!r} must be a bool (True or False).")
         if not isinstance(self.use_dora, bool):
             problems.append(f"use_dora={self.use_dora!r} must be a bool (True or False).")
+        if self.init_lora_weights not in LORA_INITS:
+            problems.append(
+                f"init_lora_weights={self.init_lora_weights!r} must be one of {list(LORA_INITS)}: 'default' (zero B) "
+                "or 'cloq' (B @ A corrects the 4-bit rounding error on calibration data)."
+            )
         problems.extend(self._normalize_target_modules())
         if problems:
             raise ConfigError("LoRAConfig", problems)

@@ -178,6 +178,17 @@ class LoRALinear(nn.Module):
         del self._unmerged_weight
         self.merged = False
 
+    def initialize_adapter(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """Start from ``lora_A = lora_a`` and ``lora_B = lora_b`` instead of the default init (e.g. the
+        error-correcting factors of :mod:`lightning_qlora.lora_init`). DoRA's magnitude is reset to the row norms of
+        the adapted weight, so the layer computes ``W + scaling * B @ A`` either way."""
+        with torch.no_grad():
+            self.lora_A.weight.copy_(lora_a)
+            self.lora_B.weight.copy_(lora_b)
+            if self.use_dora:
+                adapted = dequantize_weight(self.base_layer).float() + self.delta_weight()
+                self.lora_magnitude_vector.copy_(torch.linalg.norm(adapted, dim=1))
+
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` with shape ``(out_features, in_features)``, in fp32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling

@@ -20,6 +20,7 @@ from lightning_qlora.calibration import CalibrationError, CalibrationReport, cal
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.kernels.compile import compile_blocks
 from lightning_qlora.lora import inject_lora, mark_only_lora_as_trainable
+from lightning_qlora.lora_init import ErrorCorrectingInit
 from lightning_qlora.quantize import (
     CALIBRATION_ATTR,
     QuantizationReport,
@@ -134,6 +135,17 @@ class QLoRAPlugin(Precision):
         self.summary: ConversionSummary | None = None
         self._adapted_early: list[str] = []  # adapters injected block by block (prepare_block) during conversion
         self._rounded: dict[str, Tensor] | None = None  # calibrated codes waiting for convert_module (calibrate)
+        self._adapter_init: ErrorCorrectingInit | None = None  # calibrated adapter factors (calibrate), likewise
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether conversion needs :meth:`calibrate` first: GPTQ-rounded codes (``QuantConfig.calibration``) or
+        error-correcting adapters (``LoRAConfig.init_lora_weights="cloq"``) both come from calibration data."""
+        return self.quant.calibration != "none" or self._corrects_rounding()
+
+    def _corrects_rounding(self) -> bool:
+        # A base kept in the compute dtype has no rounding error to correct: cloq is then the default init (B = 0).
+        return self.lora is not None and self.lora.init_lora_weights == "cloq" and self.quant.quantized
 
     @override
     def convert_module(
@@ -146,15 +158,15 @@ class QLoRAPlugin(Precision):
         """
         root = adapter_root(module)
         self._adapted_early: list[str] = []
-        needs_codes = self.quant.calibration != "none" and not has_quantized_linears(root)
-        if needs_codes and self._rounded is None:
+        needs_calibration = self.needs_calibration and not has_quantized_linears(root)
+        if needs_calibration and self._rounded is None:
             raise CalibrationError(
-                f"QuantConfig(calibration={self.quant.calibration!r}) chooses the 4-bit codes on training data, but no "
-                "calibration ran before conversion. Use strategy='qlora' with a LightningDataModule (it calibrates "
-                "on the first calibration_samples training sequences), or call plugin.calibrate(module, batches) "
-                "first."
+                f"{self.describe_calibration()} comes from training data, but no calibration ran before conversion. "
+                "Use strategy='qlora' with a LightningDataModule (it calibrates on the first calibration_samples "
+                "training sequences), or call plugin.calibrate(module, batches) first."
             )
-        rounded, self._rounded = (self._rounded if needs_codes else None), None
+        rounded, self._rounded = (self._rounded if needs_calibration else None), None
+        adapter_init, self._adapter_init = (self._adapter_init if needs_calibration else None), None
         report = quantize_model(
             root, self.quant, device=self.quantize_device, after_layer=after_layer, rounded=rounded
         )
@@ -167,10 +179,18 @@ class QLoRAPlugin(Precision):
             # Quantize before injecting LoRA: the adapters must stay in full precision to get gradients.
             adapted += inject_lora(root, self.lora, skip_modules=self.quant.skip_modules)
             mark_only_lora_as_trainable(module)
+            if adapter_init is not None:
+                initialized = adapter_init.apply(root)
+                rank_zero_info(
+                    f"Initialized {len(initialized)} of {len(adapted)} adapters to correct the 4-bit rounding error "
+                    "(init_lora_weights='cloq')."
+                )
         if self.compile:
             compile_blocks(root, **(self.compile if isinstance(self.compile, dict) else {}))
-        if not (report.quantized or adapted) and self.summary is not None:
-            return module  # already converted (e.g. validate() before fit()): keep the first summary
+        converted_before = not adapted and (not report.quantized or not self.quant.quantized)
+        if converted_before and self.summary is not None:
+            # e.g. validate() after fit(): keep the first summary (a bf16 base is re-cast in place, a no-op)
+            return module
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = _logical_param_count(module)
         self.summary = ConversionSummary(report, adapted, trainable, total)
@@ -180,18 +200,32 @@ class QLoRAPlugin(Precision):
     def calibrate(
         self, module: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any] | None = None
     ) -> CalibrationReport:
-        """Choose the 4-bit codes of ``module``'s base on ``batches`` (``QuantConfig(calibration="gptq")``); the next
-        :meth:`convert_module` packs them. ``module`` (a LightningModule or a model) must still be in full precision;
-        ``forward(batch)`` runs it (default: ``module(**batch)`` for a mapping, else ``module(batch)``)."""
+        """Run ``module`` on ``batches`` for what :attr:`needs_calibration`: the 4-bit codes of its base
+        (``QuantConfig(calibration="gptq")``) and the error-correcting adapter factors
+        (``LoRAConfig(init_lora_weights="cloq")``); the next :meth:`convert_module` uses them. ``module`` (a
+        LightningModule or a model) must still be in full precision; ``forward(batch)`` runs it (default:
+        ``module(**batch)`` for a mapping, else ``module(batch)``)."""
         root = adapter_root(module)
+        self._adapter_init = ErrorCorrectingInit(self.quant, self.lora) if self._corrects_rounding() else None
+        rounding = "gptq" if self.quant.calibration == "gptq" else "nearest"
         self._rounded, report = calibrated_weights(
-            root, batches, forward or default_forward(module), self.quant, progress=None
+            root, batches, forward or default_forward(module), self.quant, progress=None, rounding=rounding,
+            on_layer=self._adapter_init,
         )
         rank_zero_info(
-            f"Calibrated the 4-bit codes of {report.layers} linears with GPTQ on {report.tokens:,} tokens "
-            f"in {report.seconds:.0f} s ({report.nearest} rounded to nearest)."
+            f"Calibrated {self.describe_calibration()} on {report.tokens:,} tokens per layer in {report.seconds:.0f} s"
+            + (f" (GPTQ codes for {report.layers} linears, {report.nearest} rounded to nearest)." if report.layers else ".")
         )
         return report
+
+    def describe_calibration(self) -> str:
+        """What calibration chooses, as the settings that ask for it (for messages)."""
+        settings = []
+        if self.quant.calibration != "none":
+            settings.append(f"QuantConfig(calibration={self.quant.calibration!r})")
+        if self._corrects_rounding():
+            settings.append("LoRAConfig(init_lora_weights='cloq')")
+        return " and ".join(settings)
 
     def prepare_block(self, root: nn.Module, block: nn.Module, linear_names: set[str]) -> list[str]:
         """Finish one already quantized block of ``root`` now: cast its other weights to the compute dtype, inject

@@ -258,15 +258,7 @@ def set_quantized_weight(
     kernel rounds its fp32 product to the output dtype either way).
     """
     bnb = import_bitsandbytes()
-    packed, quant_state = bnb.functional.quantize_4bit(
-        weight.contiguous(),
-        blocksize=blocksize,
-        compress_statistics=double_quant,
-        quant_type=quant_type,
-        quant_storage=quant_storage,
-    )
-    if dequantize_to is not None:
-        quant_state.dtype = dequantize_to
+    packed, quant_state = _pack_4bit(weight, quant_type, blocksize, double_quant, quant_storage, dequantize_to)
     layer.weight = bnb.nn.Params4bit(
         packed,
         requires_grad=False,
@@ -279,6 +271,40 @@ def set_quantized_weight(
         bnb_quantized=True,
     )
     layer.quant_state = quant_state
+
+
+def stored_weight(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """``weight`` as the layer :func:`quantize_model` builds from it with ``config`` computes with, in fp32: packed
+    and unpacked by the very same bitsandbytes calls (bit-identical to ``dequantize_weight`` of that layer)."""
+    if not config.quantized:
+        return weight.detach().to(config.torch_compute_dtype).float()
+    bnb = import_bitsandbytes()
+    packed, quant_state = _pack_4bit(
+        weight.detach(), config.quant_type, config.blocksize, config.double_quant, config.torch_quant_storage,
+        config.torch_compute_dtype,
+    )
+    return bnb.functional.dequantize_4bit(packed, quant_state).float()
+
+
+def _pack_4bit(
+    weight: torch.Tensor,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    quant_storage: torch.dtype,
+    dequantize_to: torch.dtype | None,
+) -> tuple[torch.Tensor, Any]:
+    bnb = import_bitsandbytes()
+    packed, quant_state = bnb.functional.quantize_4bit(
+        weight.contiguous(),
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+    )
+    if dequantize_to is not None:
+        quant_state.dtype = dequantize_to
+    return packed, quant_state
 
 
 def _cast_linear(linear: nn.Linear, dtype: torch.dtype, device: torch.device) -> nn.Linear:

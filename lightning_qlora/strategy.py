@@ -96,15 +96,15 @@ class _QLoRAStrategyMixin:
         super().connect(model)
 
     def _refuse_unsupported_calibration(self, plugin: QLoRAPlugin) -> None:
-        if plugin.quant.calibration != "none" and not self.supports_calibration:
+        if plugin.needs_calibration and not self.supports_calibration:
             raise CalibrationError(
-                f"QuantConfig(calibration={plugin.quant.calibration!r}) runs on one device: strategy="
-                f"{self.strategy_name!r} is not supported yet. Use strategy='qlora', or calibration='none'."
+                f"{plugin.describe_calibration()} calibrates on one device: strategy={self.strategy_name!r} is not "
+                "supported yet. Use strategy='qlora', or calibration='none' and init_lora_weights='default'."
             )
 
     def _calibrate_if_asked(self, trainer: Trainer, plugin: QLoRAPlugin) -> None:
         module = self.lightning_module
-        if plugin.quant.calibration == "none" or module is None or has_quantized_linears(adapter_root(module)):
+        if not plugin.needs_calibration or module is None or has_quantized_linears(adapter_root(module)):
             return  # (a strategy that cannot calibrate refused already in connect)
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         batches = _calibration_batches(trainer, plugin.quant.calibration_samples, device)
@@ -175,7 +175,8 @@ def _calibration_batches(trainer: Trainer, samples: int, device: torch.device) -
     except Exception as err:  # a datamodule without a ready training set (e.g. set up for "validate" only)
         raise CalibrationError(
             f"calibration reads its sequences from {type(datamodule).__name__}.train_dataloader(), which failed: "
-            f"{type(err).__name__}: {err}. Set up the training data before fit/validate, or use calibration='none'."
+            f"{type(err).__name__}: {err}. Set up the training data before fit/validate, or turn calibration off "
+            "(calibration='none' and init_lora_weights='default')."
         ) from err
     size = loader.batch_size or 8
     return [

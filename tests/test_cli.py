@@ -121,7 +121,8 @@ def test_short_end_to_end_run_of_the_default_job(tmp_path, smollm2_path):
 def test_the_app_runs_fully_sharded_on_two_processes(tmp_path, smollm2_path):
     # The README's multi-GPU command, on 2 CPU processes (gloo): Lightning's launcher re-runs the app per rank.
     result = _run_app(["trainer.strategy=qlora_fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
-                       "experiment=smoke", "eval.sample_terms=0", "logger=csv"], cwd=tmp_path)
+                       "lora.init_lora_weights=default", "experiment=smoke", "eval.sample_terms=0", "logger=csv"],
+                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
     results = json.loads((run_dir / "results.json").read_text())
@@ -138,7 +139,7 @@ def test_the_app_calibrates_and_steps_in_backward(tmp_path, smollm2_path):
                        "logger=csv", "quant.calibration=gptq", "quant.calibration_samples=8",
                        "model.optimizer_in_backward=true", "trainer.gradient_clip_val=null"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Calibrated the 4-bit codes of 210 linears with GPTQ" in result.stdout + result.stderr
+    assert "GPTQ codes for 210 linears" in result.stdout + result.stderr
     adapter = next(tmp_path.rglob("adapter_config.json")).parent
     metadata = read_adapter_metadata(adapter)
     assert metadata["quantization"]["calibration"] == "gptq"

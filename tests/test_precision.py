@@ -96,9 +96,10 @@ def test_quant_type_none_is_plain_bf16_lora_on_the_same_path():
     assert layer.base_layer.weight.dtype == torch.bfloat16 and not layer.base_layer.weight.requires_grad
 
 
-def test_fit_twice_does_not_requantize_or_reinject():
+@pytest.mark.parametrize("quant_type", ["nf4", "none"])
+def test_fit_twice_does_not_requantize_or_reinject(quant_type):
     module = RegressionModule()
-    plugin = QLoRAPlugin(lora=LoRAConfig(r=4))
+    plugin = QLoRAPlugin(quant=QuantConfig(quant_type=quant_type), lora=LoRAConfig(r=4))
     _trainer(plugins=[plugin], max_steps=2).fit(module, regression_loader())
     adapters = [id(m) for m in module.modules() if isinstance(m, LoRALinear)]
     _trainer(plugins=[plugin], max_steps=2).validate(module, regression_loader())
@@ -108,6 +109,7 @@ def test_fit_twice_does_not_requantize_or_reinject():
     # A second conversion must neither freeze nor down-cast the adapters.
     assert all(m.lora_A.weight.dtype == torch.float32 and m.lora_A.weight.requires_grad for m in layers)
     assert plugin.summary.trainable_params == sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert len(plugin.summary.adapted) == len(layers)  # the first conversion's summary, not "LoRA on 0 layers"
 
 
 def test_plugin_with_mixed_precision_flag_is_refused():

@@ -1,0 +1,126 @@
+"""Adapters that start by cancelling the 4-bit rounding error on real activations (CLoQ initialization).
+
+QLoRA starts every adapter at zero (``B = 0``): training begins from the rounded base ``W_q`` and spends its first
+steps learning back what rounding lost. Given calibration inputs ``X`` of a layer (their second moment
+``H = X^T X / n``), the rank-``r`` update that best restores the layer's *outputs*,
+``argmin_{rank(M) <= r} ||(W - W_q - M) X||``, has a closed form (Deng et al., 2025, "CLoQ: Enhancing Fine-Tuning of
+Quantized LLMs via Calibrated LoRA Initialization"): with ``H = R R`` (``R`` its symmetric square root),
+``M = SVD_r((W - W_q) R) R^-1``. The adapters start at ``scaling * B @ A = M``, the singular values split evenly
+between ``B`` and ``A``, so both get gradients from the first step.
+
+The base is untouched (the same packed 4-bit layer as without it), so an adapter trained this way loads on any base
+quantized the same way; merging folds it into that base, as for any adapter.
+
+Measured on SmolLM2-135M, held-out perplexity of the quantized model before any training, rank 16 on every linear
+(bf16: 77.28): round-to-nearest NF4 100.00 -> 86.55 with this initialization; GPTQ-rounded 85.09 -> 82.64; a plain
+SVD of ``W - W_q`` (LoftQ with one iteration: outputs not weighted by the activations) only 97.96.
+
+Plain torch; nothing here knows about Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lightning_qlora.config import LoRAConfig, QuantConfig
+from lightning_qlora.lora import iter_lora_layers
+from lightning_qlora.quantize import stored_weight
+
+# Added to the diagonal of H, as a fraction of its mean: inputs that are (almost) never active would otherwise get
+# huge entries in R^-1, hence in A. (The SmolLM2 numbers above were measured with 1%.)
+DEFAULT_DAMPING = 0.01
+
+
+def error_correcting_factors(
+    weight: torch.Tensor,
+    stored: torch.Tensor,
+    hessian: torch.Tensor,
+    rank: int,
+    scaling: float,
+    damping: float = DEFAULT_DAMPING,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A, lora_B)`` (``rank x in`` and ``out x rank``, fp32) with ``scaling * lora_B @ lora_A`` the rank-``rank``
+    matrix ``M`` that minimizes ``tr((W - W_q - M) H (W - W_q - M)^T)``, the output error on inputs with second moment
+    ``hessian``.
+
+    Args:
+        weight: the full-precision weight ``W`` (``out x in``).
+        stored: what the quantized layer computes with, ``W_q`` (e.g. :func:`lightning_qlora.quantize.stored_weight`).
+        hessian: ``in x in`` second moment of the layer's inputs; all zeros means "no information": plain SVD.
+        rank: the adapter rank. Ranks beyond ``min(out, in)`` get zero ``B`` columns (and Kaiming ``A`` rows).
+        scaling: the adapter's output scale (``alpha / r``).
+        damping: added to the diagonal of ``hessian``, as a fraction of its mean.
+    """
+    return _factors(weight, stored, *whitening(hessian.to(weight.device), damping), rank, scaling)
+
+
+def _factors(
+    weight: torch.Tensor,
+    stored: torch.Tensor,
+    root: torch.Tensor,
+    inverse_root: torch.Tensor,
+    rank: int,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    error = weight.detach().double() - stored.detach().double().to(weight.device)
+    left, singular, right = torch.linalg.svd(error @ root, full_matrices=False)
+    kept = min(rank, singular.numel())
+    half = singular[:kept].sqrt() / math.sqrt(scaling)
+    lora_b = torch.zeros(weight.shape[0], rank, dtype=torch.float32, device=weight.device)
+    lora_a = torch.empty(rank, weight.shape[1], dtype=torch.float32, device=weight.device)
+    lora_b[:, :kept] = (left[:, :kept] * half).float()
+    lora_a[:kept] = ((half[:, None] * right[:kept]) @ inverse_root).float()
+    if kept < rank:
+        nn.init.kaiming_uniform_(lora_a[kept:], a=math.sqrt(5))
+    return lora_a, lora_b
+
+
+def whitening(hessian: torch.Tensor, damping: float = DEFAULT_DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, R^-1)`` in fp64 with ``R`` the symmetric square root of the damped ``hessian`` (the identity for an
+    all-zero one)."""
+    h = hessian.detach().double()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean = h.diagonal().mean()
+    h = eye if not torch.isfinite(mean) or mean <= 0 else h + damping * mean * eye
+    eigenvalues, vectors = torch.linalg.eigh(h)
+    root_values = eigenvalues.clamp_min(torch.finfo(h.dtype).tiny).sqrt()
+    return (vectors * root_values) @ vectors.T, (vectors / root_values) @ vectors.T
+
+
+class ErrorCorrectingInit:
+    """Collects the factors of every calibrated linear (pass it as ``on_layer`` to
+    :func:`lightning_qlora.calibration.calibrated_weights`), then sets them into the injected adapters
+    (:meth:`apply`).
+
+    Args:
+        quant: the quantization the base will get (the factors correct exactly that rounding).
+        lora: the adapters' settings (rank and scaling).
+        damping: see :func:`error_correcting_factors`.
+    """
+
+    def __init__(self, quant: QuantConfig, lora: LoRAConfig, damping: float = DEFAULT_DAMPING) -> None:
+        self.quant = quant
+        self.lora = lora
+        self.damping = damping
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._whitened: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __call__(self, name: str, weight: torch.Tensor, packed: torch.Tensor, hessian: torch.Tensor) -> None:
+        if self._whitened is None or self._whitened[0] is not hessian:  # q/k/v (gate/up) share one statistic
+            self._whitened = (hessian, whitening(hessian, self.damping))
+        self.factors[name] = _factors(
+            weight, stored_weight(packed, self.quant), *self._whitened[1], self.lora.r, self.lora.scaling
+        )
+
+    def apply(self, model: nn.Module) -> list[str]:
+        """Set the collected factors into ``model``'s adapters (names relative to the model calibrated); returns the
+        names set. Adapters without factors (linears outside the calibrated blocks) keep the default init."""
+        applied = []
+        for name, layer in iter_lora_layers(model):
+            if name in self.factors:
+                layer.initialize_adapter(*self.factors[name])
+                applied.append(name)
+        return applied
