@@ -136,16 +136,25 @@ class QLoRAPlugin(Precision):
         self._adapted_early: list[str] = []  # adapters injected block by block (prepare_block) during conversion
         self._rounded: dict[str, Tensor] | None = None  # calibrated codes waiting for convert_module (calibrate)
         self._adapter_init: ErrorCorrectingInit | None = None  # calibrated adapter factors (calibrate), likewise
+        self._adapters_from_checkpoint = False  # set by restore_adapters_from_checkpoint: no init needs computing
 
     @property
     def needs_calibration(self) -> bool:
         """Whether conversion needs :meth:`calibrate` first: GPTQ-rounded codes (``QuantConfig.calibration``) or
         error-correcting adapters (``LoRAConfig.init_lora_weights="cloq"``) both come from calibration data."""
-        return self.quant.calibration != "none" or self._corrects_rounding()
+        return self.quant.calibration != "none" or self._computes_adapter_init()
 
-    def _corrects_rounding(self) -> bool:
+    def restore_adapters_from_checkpoint(self) -> None:
+        """Say that the next conversion's adapters will be overwritten from a checkpoint: call it before
+        ``trainer.fit(..., ckpt_path=...)`` to skip computing their initial values (``init_lora_weights="cloq"``;
+        Lightning restores a checkpoint only after the strategy's set-up, so the plugin cannot tell by itself).
+        GPTQ calibration still runs: the base's codes are not in the checkpoint. Lasts one conversion."""
+        self._adapters_from_checkpoint = True
+
+    def _computes_adapter_init(self) -> bool:
         # A base kept in the compute dtype has no rounding error to correct: cloq is then the default init (B = 0).
-        return self.lora is not None and self.lora.init_lora_weights == "cloq" and self.quant.quantized
+        cloq = self.lora is not None and self.lora.init_lora_weights == "cloq" and self.quant.quantized
+        return cloq and not self._adapters_from_checkpoint
 
     @override
     def convert_module(
@@ -167,6 +176,7 @@ class QLoRAPlugin(Precision):
             )
         rounded, self._rounded = (self._rounded if needs_calibration else None), None
         adapter_init, self._adapter_init = (self._adapter_init if needs_calibration else None), None
+        self._adapters_from_checkpoint = False  # (one conversion's worth, like the calibration results)
         report = quantize_model(
             root, self.quant, device=self.quantize_device, after_layer=after_layer, rounded=rounded
         )
@@ -206,7 +216,7 @@ class QLoRAPlugin(Precision):
         LightningModule or a model) must still be in full precision; ``forward(batch)`` runs it (default:
         ``module(**batch)`` for a mapping, else ``module(batch)``)."""
         root = adapter_root(module)
-        self._adapter_init = ErrorCorrectingInit(self.quant, self.lora) if self._corrects_rounding() else None
+        self._adapter_init = ErrorCorrectingInit(self.quant, self.lora) if self._computes_adapter_init() else None
         rounding = "gptq" if self.quant.calibration == "gptq" else "nearest"
         self._rounded, report = calibrated_weights(
             root, batches, forward or default_forward(module), self.quant, progress=None, rounding=rounding,
@@ -223,7 +233,7 @@ class QLoRAPlugin(Precision):
         settings = []
         if self.quant.calibration != "none":
             settings.append(f"QuantConfig(calibration={self.quant.calibration!r})")
-        if self._corrects_rounding():
+        if self._computes_adapter_init():
             settings.append("LoRAConfig(init_lora_weights='cloq')")
         return " and ".join(settings)
 

@@ -179,3 +179,28 @@ def test_strategy_initializes_the_adapters_and_both_factors_train(tmp_path, tiny
         a0, b0 = snapshot.starts[layer_name]
         assert not torch.equal(layer.lora_A.weight, a0) and not torch.equal(layer.lora_B.weight, b0), layer_name
     assert all(torch.isfinite(torch.tensor(module.losses)))
+
+
+def test_a_resumed_fit_can_skip_the_init_its_checkpoint_overwrites(tmp_path, tiny_llama_config, monkeypatch):
+    def trainer(steps, snapshot=None):
+        plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32", calibration_samples=16),
+                             lora=LoRAConfig(r=4, init_lora_weights="cloq"))
+        callbacks = [snapshot] if snapshot else []
+        return fast_trainer(plugins=[plugin], strategy="qlora", default_root_dir=tmp_path, max_steps=steps,
+                            callbacks=callbacks), plugin
+
+    first, _ = trainer(2)
+    first.fit(_TokenModule(tiny_llama_config), datamodule=_TokenData())
+    first.save_checkpoint(tmp_path / "step2.ckpt")
+    saved = {name: layer.lora_B.weight.detach().clone() for name, layer in iter_lora_layers(first.lightning_module.model)}
+
+    calls = []
+    monkeypatch.setattr(QLoRAPlugin, "calibrate", lambda self, *a, **k: calls.append(1))
+    snapshot = _AdapterSnapshot()
+    resumed, plugin = trainer(3, snapshot)
+    plugin.restore_adapters_from_checkpoint()
+    resumed.fit(_TokenModule(tiny_llama_config), datamodule=_TokenData(), ckpt_path=tmp_path / "step2.ckpt")
+    assert calls == []  # no calibration pass: the checkpoint restored the adapters
+    assert resumed.global_step == 3
+    assert all(torch.equal(snapshot.starts[name][1], b) for name, b in saved.items())
+    assert plugin.needs_calibration  # the skip lasted one conversion: a fresh fit would compute the init again
