@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -176,6 +176,7 @@ class QLoRAPlugin(Precision):
             )
         rounded, self._rounded = (self._rounded if needs_calibration else None), None
         adapter_init, self._adapter_init = (self._adapter_init if needs_calibration else None), None
+        init_impossible = self._computes_adapter_init() and has_quantized_linears(root)
         self._adapters_from_checkpoint = False  # (one conversion's worth, like the calibration results)
         report = quantize_model(
             root, self.quant, device=self.quantize_device, after_layer=after_layer, rounded=rounded
@@ -194,6 +195,12 @@ class QLoRAPlugin(Precision):
                 rank_zero_info(
                     f"Initialized {len(initialized)} of {len(adapted)} adapters to correct the 4-bit rounding error "
                     "(init_lora_weights='cloq')."
+                )
+            elif init_impossible and adapted:
+                rank_zero_warn(
+                    "init_lora_weights='cloq' needs the full-precision weights, but this model's linears were already "
+                    f"4-bit: its {len(adapted)} new adapters start at zero (the default init). Give the plugin the "
+                    "full-precision model to get the error-correcting init."
                 )
         if self.compile:
             compile_blocks(root, **(self.compile if isinstance(self.compile, dict) else {}))

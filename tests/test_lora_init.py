@@ -204,3 +204,12 @@ def test_a_resumed_fit_can_skip_the_init_its_checkpoint_overwrites(tmp_path, tin
     assert resumed.global_step == 3
     assert all(torch.equal(snapshot.starts[name][1], b) for name, b in saved.items())
     assert plugin.needs_calibration  # the skip lasted one conversion: a fresh fit would compute the init again
+
+
+def test_an_already_quantized_model_gets_the_default_init_and_a_warning():
+    model = nn.Sequential(nn.Linear(64, 64))
+    quantize_model(model, QuantConfig(skip_modules=()), progress=False)
+    plugin = QLoRAPlugin(lora=LoRAConfig(r=4, init_lora_weights="cloq"))
+    with pytest.warns(UserWarning, match="already 4-bit"):
+        plugin.convert_module(model)
+    assert torch.count_nonzero(model[0].lora_B.weight) == 0
