@@ -176,3 +176,25 @@ def test_tied_embeddings_count_once_in_the_summary(tiny_llama_config):
     plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=4))
     plugin.convert_module(module)
     assert plugin.summary.total_params == before + plugin.summary.trainable_params
+
+
+def test_compiled_blocks_are_not_recompiled_per_layer():
+    # transformers builds a KV cache in every forward unless told otherwise; each block updating its own cache layer
+    # made the compiled block recompile once per layer (then fall back to eager), seen on a 7B model on the H200.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    QLoRAPlugin(compile={"backend": "aot_eager"}).convert_module(model)
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(0, 128, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert not model.config.use_cache
+    # One graph for the first block (its input needs no grad: the embeddings are frozen), one for all the others.
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert model.generation_config.use_cache  # generate() keeps its cache

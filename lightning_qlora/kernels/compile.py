@@ -34,4 +34,12 @@ def compile_blocks(root: nn.Module, **compile_kwargs: Any) -> list[str]:
     for _, block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
             block.compile(**compile_kwargs)
+    config = getattr(root, "config", None)
+    if getattr(config, "use_cache", False):
+        # transformers builds a KV cache in every forward by default, training included (checkpointing turns it
+        # off, nothing else does). Each block updates its own layer of the cache, and the compiled block guards on
+        # that layer's state, so block after block recompiled up to torch.compile's limit (8) and the rest ran
+        # eagerly: seen on a 7B model without checkpointing (TORCH_LOGS=recompiles), where compile gave no speed-up.
+        # Training never reads the cache; generate() still caches (it passes use_cache from its generation config).
+        config.use_cache = False
     return [name for name, _ in blocks]
