@@ -22,16 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora.kernels.dequantize import dequantize_unmerged
 from lightning_qlora.quantize import dequantize_weight, is_quantized_linear
 
 
-def base_weight(base_layer: nn.Module, dtype: torch.dtype, call_site: int = 0) -> torch.Tensor:
-    """The base weight in ``dtype``, dequantized for a 4-bit layer (a fresh tensor, used and dropped at once). Under
-    ``torch.compile`` through an op that is not merged with the call from another ``call_site`` (forward 0, backward
-    1; see :mod:`lightning_qlora.kernels.dequantize`): each pass dequantizes, no bf16 weight is saved in between."""
-    if torch.compiler.is_compiling() and is_quantized_linear(base_layer):
-        return dequantize_unmerged(base_layer, call_site).to(dtype)
+def base_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight in ``dtype``, dequantized for a 4-bit layer (a fresh tensor, used and dropped at once)."""
     return dequantize_weight(base_layer).to(dtype)
 
 
@@ -89,7 +84,7 @@ class FusedLoRALinear(torch.autograd.Function):
             grad_x = gb @ a
             if mask is not None:
                 grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - ctx.dropout_p))
-            grad_x.addmm_(g, base_weight(ctx.base_layer, dtype, call_site=1))
+            grad_x.addmm_(g, base_weight(ctx.base_layer, dtype))
             grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[1]:
             xd = x2 if mask is None else torch.ops.aten.native_dropout_backward(x2, mask, 1.0 / (1.0 - ctx.dropout_p))
