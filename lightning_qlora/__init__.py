@@ -10,6 +10,7 @@ from lightning_qlora.calibration import CalibrationError, calibrated_weights
 from lightning_qlora.callbacks import AdapterCheckpoint, PeakMemoryMonitor
 from lightning_qlora.config import ConfigError, LoRAConfig, QuantConfig
 from lightning_qlora.lora import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from lightning_qlora.lora_init import ErrorCorrectingInit
 from lightning_qlora.optim_in_backward import OptimizerInBackward
 from lightning_qlora.precision import QLoRAPlugin
 from lightning_qlora.quantize import QuantizationReport, quantize_model
@@ -22,6 +23,7 @@ __all__ = [
     "AdapterCheckpoint",
     "CalibrationError",
     "ConfigError",
+    "ErrorCorrectingInit",
     "LoRAConfig",
     "LoRALinear",
     "OptimizerInBackward",

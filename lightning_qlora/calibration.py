@@ -13,8 +13,9 @@ result is an ordinary NF4 (+ double quant) layer that bitsandbytes' kernels run 
 Blocks are calibrated in order with one forward pass each: a block's statistics come from the full-precision outputs
 of the blocks before it. (GPTQ runs each block twice, to feed the next one the outputs of the rounded block; in a
 scratch probe on SmolLM2 that was no better: 88.9 vs 90.8 held-out perplexity at 64 rows, 86.4 vs 84.5 at 256.)
-Linears that read the same input (q/k/v, gate/up) share one statistic and are rounded in one pass. Nothing of the
-model is changed here: :func:`calibrated_weights` returns the rounded weights, and
+Linears that read the same input (q/k/v, gate/up) share one statistic and are rounded in one pass; an ``on_layer``
+hook sees every layer's statistic (with ``rounding="nearest"`` only that: the error-correcting adapter init needs the
+statistics, not GPTQ). Nothing of the model is changed here: :func:`calibrated_weights` returns the rounded weights, and
 :func:`lightning_qlora.quantize.quantize_model` packs them (``rounded=``) while the model's own weights keep
 their values (and fingerprint).
 
@@ -192,8 +193,8 @@ def calibrated_weights(
             here and the dict returned is empty: the layers keep bitsandbytes' round-to-nearest).
         on_layer: called as ``on_layer(name, weight, packed, hessian)`` for every calibrated linear, with its own
             weight, the weight that will be packed (GPTQ-rounded, or its own) and its input second moment
-            ``X^T X / n`` (shared by the linears that read one input; do not modify them). E.g. to initialize adapters from the rounding
-            error (:mod:`lightning_qlora.lora_init`).
+            ``X^T X / n`` (shared by the linears that read one input; do not modify them): e.g. to initialize
+            adapters from the rounding error (:mod:`lightning_qlora.lora_init`).
 
     Returns:
         ``({qualified linear name: rounded fp32 weight}, report)``. Linears outside the model's transformer blocks
