@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -70,6 +70,20 @@ def token_loader(vocab: int = 128, n: int = 64, length: int = 16, batch_size: in
     starts = torch.randint(0, vocab, (n, 1), generator=generator)
     ids = (starts + torch.arange(length)) % vocab
     return DataLoader(TensorDataset(ids), batch_size=batch_size, shuffle=False)
+
+
+class TokenIdsModule(CausalLMModule):
+    """A CausalLMModule called with the token ids alone (what the strategy's calibration forward passes)."""
+
+    def forward(self, ids):
+        return self.model(input_ids=ids)
+
+
+class TokenDataModule(LightningDataModule):
+    """:func:`token_loader` as a datamodule: calibration at set-up reads the first training rows from it."""
+
+    def train_dataloader(self):
+        return token_loader(batch_size=8)
 
 
 def fast_trainer(**overrides) -> Trainer:

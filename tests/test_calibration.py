@@ -9,10 +9,9 @@ import os
 import bitsandbytes as bnb
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import nn
 
-from helpers import CausalLMModule, fast_trainer, token_loader
+from helpers import TokenDataModule, TokenIdsModule, fast_trainer, token_loader
 from lightning_qlora import QLoRAPlugin, QuantConfig
 from lightning_qlora.adapters import load_adapter, read_adapter_metadata, save_adapter
 from lightning_qlora.calibration import CalibrationError, calibrated_weights, gptq_round
@@ -140,15 +139,6 @@ def test_config_validates_calibration():
         QuantConfig(calibration_samples=0)
 
 
-class _TokenModule(CausalLMModule):
-    def forward(self, ids):
-        return self.model(input_ids=ids)
-
-
-class _TokenData(LightningDataModule):
-    def train_dataloader(self):
-        return token_loader(batch_size=8)
-
 
 def _calibrating_trainer(tmp_path, samples: int = 24, **overrides):
     plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32", calibration="gptq", calibration_samples=samples))
@@ -157,9 +147,9 @@ def _calibrating_trainer(tmp_path, samples: int = 24, **overrides):
 
 def test_strategy_calibrates_on_the_first_training_rows_deterministically(tmp_path, tiny_llama_config, caplog):
     trainer, plugin = _calibrating_trainer(tmp_path, max_steps=3)
-    module = _TokenModule(tiny_llama_config)
-    full_precision = _TokenModule(tiny_llama_config).model  # same seed: the same pretrained weights
-    trainer.fit(module, datamodule=_TokenData())
+    module = TokenIdsModule(tiny_llama_config)
+    full_precision = TokenIdsModule(tiny_llama_config).model  # same seed: the same pretrained weights
+    trainer.fit(module, datamodule=TokenDataModule())
     assert len(module.losses) == 3 and all(torch.isfinite(torch.tensor(module.losses)))
 
     # The codes are exactly GPTQ's on the first 24 rows (3 batches of 8) in dataset order, whatever the shuffling.
@@ -178,7 +168,7 @@ def test_strategy_calibrates_on_the_first_training_rows_deterministically(tmp_pa
     # The adapter records the calibration; loading it onto a base rounded to nearest says so.
     save_adapter(module, tmp_path / "adapter")
     assert read_adapter_metadata(tmp_path / "adapter")["quantization"]["calibration"] == "gptq"
-    plain = _TokenModule(tiny_llama_config)
+    plain = TokenIdsModule(tiny_llama_config)
     with caplog.at_level(logging.WARNING, logger="lightning_qlora.adapters"):
         load_adapter(plain, tmp_path / "adapter", quant=QuantConfig(compute_dtype="fp32"))
     assert "calibration='gptq'" in caplog.text
@@ -187,7 +177,7 @@ def test_strategy_calibrates_on_the_first_training_rows_deterministically(tmp_pa
 def test_calibration_needs_a_datamodule_and_one_device(tmp_path, tiny_llama_config):
     trainer, _ = _calibrating_trainer(tmp_path)
     with pytest.raises(CalibrationError, match="LightningDataModule"):
-        trainer.fit(_TokenModule(tiny_llama_config), train_dataloaders=token_loader())
+        trainer.fit(TokenIdsModule(tiny_llama_config), train_dataloaders=token_loader())
 
     # Refused when the strategy connects the model, before DDP starts a process group. Lightning's DDP set-up writes
     # rank and port variables into this process's environment: put it back, or a later DDP test's processes would
@@ -197,7 +187,7 @@ def test_calibration_needs_a_datamodule_and_one_device(tmp_path, tiny_llama_conf
         plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32", calibration="gptq"))
         ddp = fast_trainer(plugins=[plugin], strategy="qlora_ddp", default_root_dir=tmp_path)
         with pytest.raises(CalibrationError, match="strategy='qlora_ddp' is not supported"):
-            ddp.fit(_TokenModule(tiny_llama_config), datamodule=_TokenData())
+            ddp.fit(TokenIdsModule(tiny_llama_config), datamodule=TokenDataModule())
         assert not torch.distributed.is_initialized()
     finally:
         os.environ.clear()
@@ -205,7 +195,7 @@ def test_calibration_needs_a_datamodule_and_one_device(tmp_path, tiny_llama_conf
 
     plugin = QLoRAPlugin(quant=QuantConfig(calibration="gptq"))
     with pytest.raises(CalibrationError, match="no calibration ran"):
-        plugin.convert_module(_TokenModule(tiny_llama_config))
+        plugin.convert_module(TokenIdsModule(tiny_llama_config))
 
 
 @pytest.mark.gpu

@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningDataModule
+from lightning.pytorch import Callback
 from torch import nn
 
-from helpers import CausalLMModule, fast_trainer, token_loader
+from helpers import TokenDataModule, TokenIdsModule, fast_trainer, token_loader
 from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig
 from lightning_qlora.calibration import calibrated_weights
 from lightning_qlora.config import ConfigError
@@ -131,15 +131,6 @@ def test_initialized_model_is_closer_to_full_precision_with_either_rounding(tiny
     assert gptq_cloq < 0.8 * gptq, (gptq_cloq, gptq)
 
 
-class _TokenModule(CausalLMModule):
-    def forward(self, ids):
-        return self.model(input_ids=ids)
-
-
-class _TokenData(LightningDataModule):
-    def train_dataloader(self):
-        return token_loader(batch_size=8)
-
 
 class _AdapterSnapshot(Callback):
     """The adapters as set-up left them, before the first optimizer step."""
@@ -158,9 +149,9 @@ def test_strategy_initializes_the_adapters_and_both_factors_train(tmp_path, tiny
     snapshot = _AdapterSnapshot()
     trainer = fast_trainer(plugins=[plugin], strategy="qlora", default_root_dir=tmp_path, max_steps=2,
                            callbacks=[snapshot])
-    module = _TokenModule(tiny_llama_config)
-    full_precision = _TokenModule(tiny_llama_config).model  # same seed: the same pretrained weights
-    trainer.fit(module, datamodule=_TokenData())
+    module = TokenIdsModule(tiny_llama_config)
+    full_precision = TokenIdsModule(tiny_llama_config).model  # same seed: the same pretrained weights
+    trainer.fit(module, datamodule=TokenDataModule())
 
     # Set-up started from exactly the factors of the first 16 training rows (2 batches of 8), on the real base.
     loader = token_loader(batch_size=8)
@@ -190,7 +181,7 @@ def test_a_resumed_fit_can_skip_the_init_its_checkpoint_overwrites(tmp_path, tin
                             callbacks=callbacks), plugin
 
     first, _ = trainer(2)
-    first.fit(_TokenModule(tiny_llama_config), datamodule=_TokenData())
+    first.fit(TokenIdsModule(tiny_llama_config), datamodule=TokenDataModule())
     first.save_checkpoint(tmp_path / "step2.ckpt")
     saved = {name: layer.lora_B.weight.detach().clone() for name, layer in iter_lora_layers(first.lightning_module.model)}
 
@@ -199,7 +190,7 @@ def test_a_resumed_fit_can_skip_the_init_its_checkpoint_overwrites(tmp_path, tin
     snapshot = _AdapterSnapshot()
     resumed, plugin = trainer(3, snapshot)
     plugin.restore_adapters_from_checkpoint()
-    resumed.fit(_TokenModule(tiny_llama_config), datamodule=_TokenData(), ckpt_path=tmp_path / "step2.ckpt")
+    resumed.fit(TokenIdsModule(tiny_llama_config), datamodule=TokenDataModule(), ckpt_path=tmp_path / "step2.ckpt")
     assert calls == []  # no calibration pass: the checkpoint restored the adapters
     assert resumed.global_step == 3
     assert all(torch.equal(snapshot.starts[name][1], b) for name, b in saved.items())
