@@ -284,7 +284,6 @@ def _calibrate_blocks(
                     for name in names:
                         weight = modules[name].weight.detach()
                         on_layer(name, weight, rounded.get(name, weight), hessian)
-                del hessian
     return rounded
 
 

@@ -5,8 +5,8 @@ steps learning back what rounding lost. Given calibration inputs ``X`` of a laye
 ``H = X^T X / n``), the rank-``r`` update that best restores the layer's *outputs*,
 ``argmin_{rank(M) <= r} ||(W - W_q - M) X||``, has a closed form (Deng et al., 2025, "CLoQ: Enhancing Fine-Tuning of
 Quantized LLMs via Calibrated LoRA Initialization"): with ``H = L L^T`` (its Cholesky factor; any square root gives
-the same ``M``), ``M = SVD_r((W - W_q) L) L^-1``. The adapters start at ``scaling * B @ A = M``, the singular values split evenly
-between ``B`` and ``A``, so both get gradients from the first step.
+the same ``M``), ``M = SVD_r((W - W_q) L) L^-1``. The adapters start at ``scaling * B @ A = M``, the singular values
+split evenly between ``B`` and ``A``, so both get gradients from the first step.
 
 The base is untouched (the same packed 4-bit layer as without it), so an adapter trained this way loads on any base
 quantized the same way; merging folds it into that base, as for any adapter.
@@ -15,8 +15,8 @@ Measured on SmolLM2-135M, held-out perplexity of the NF4 + double-quant model wi
 before any training (``python benchmarks/fidelity/adapter_init_probe.py``; bf16: 77.28): round-to-nearest codes
 99.79 -> 86.65 with this initialization, GPTQ-rounded codes 85.09 -> 82.51 (measured with the symmetric square
 root and fp64 SVDs, since replaced by the Cholesky factor and fp32 SVDs: the same optimum; one SmolLM2 block's
-factors now take 0.47 s instead of 1.5 s on 2 CPU cores). (A scratch probe of a plain SVD of
-``W - W_q``, i.e. LoftQ with one iteration, whose outputs are not weighted by the activations: 100.00 -> 97.96.)
+factors now take 0.47 s instead of 1.5 s on 2 CPU cores). A scratch probe of a plain SVD of ``W - W_q`` (LoftQ with
+one iteration, outputs not weighted by the activations): 100.00 -> 97.96.
 
 Plain torch; nothing here knows about Lightning.
 """
@@ -57,7 +57,7 @@ def error_correcting_factors(
         scaling: the adapter's output scale (``alpha / r``).
         damping: added to the diagonal of ``hessian``, as a fraction of its mean.
     """
-    return _factors(weight, stored, whitening(hessian.to(weight.device), damping), rank, scaling)
+    return _factors(weight, stored, statistics_factor(hessian.to(weight.device), damping), rank, scaling)
 
 
 def _factors(
@@ -83,7 +83,7 @@ def _factors(
     return lora_a, lora_b
 
 
-def whitening(hessian: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+def statistics_factor(hessian: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
     """The lower Cholesky factor ``L`` (fp64) of the damped ``hessian`` (``H + damping * mean(diag H) * I = L L^T``;
     the identity for an all-zero one). A factor that fails gets ten times more damping, up to three times."""
     h = hessian.detach().double()
@@ -115,13 +115,13 @@ class ErrorCorrectingInit:
         self.lora = lora
         self.damping = damping
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._whitened: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_factor: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, name: str, weight: torch.Tensor, packed: torch.Tensor, hessian: torch.Tensor) -> None:
-        if self._whitened is None or self._whitened[0] is not hessian:  # q/k/v (gate/up) share one statistic
-            self._whitened = (hessian, whitening(hessian, self.damping))
+        if self._last_factor is None or self._last_factor[0] is not hessian:  # q/k/v (gate/up) share one statistic
+            self._last_factor = (hessian, statistics_factor(hessian, self.damping))
         self.factors[name] = _factors(
-            weight, stored_weight(packed, self.quant), self._whitened[1], self.lora.r, self.lora.scaling
+            weight, stored_weight(packed, self.quant), self._last_factor[1], self.lora.r, self.lora.scaling
         )
 
     def apply(self, model: nn.Module) -> list[str]:

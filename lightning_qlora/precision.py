@@ -167,7 +167,8 @@ class QLoRAPlugin(Precision):
         """
         root = adapter_root(module)
         self._adapted_early: list[str] = []
-        needs_calibration = self.needs_calibration and not has_quantized_linears(root)
+        already_quantized = has_quantized_linears(root)
+        needs_calibration = self.needs_calibration and not already_quantized
         if needs_calibration and self._rounded is None:
             raise CalibrationError(
                 f"{self.describe_calibration()} comes from training data, but no calibration ran before conversion. "
@@ -176,7 +177,7 @@ class QLoRAPlugin(Precision):
             )
         rounded, self._rounded = (self._rounded if needs_calibration else None), None
         adapter_init, self._adapter_init = (self._adapter_init if needs_calibration else None), None
-        init_impossible = self._computes_adapter_init() and has_quantized_linears(root)
+        init_impossible = self._computes_adapter_init() and already_quantized
         self._adapters_from_checkpoint = False  # (one conversion's worth, like the calibration results)
         report = quantize_model(
             root, self.quant, device=self.quantize_device, after_layer=after_layer, rounded=rounded
