@@ -145,14 +145,16 @@ def test_the_app_calibrates_and_steps_in_backward(tmp_path, smollm2_path):
     assert metadata["quantization"]["calibration"] == "gptq"
 
     refused = _run_app(["experiment=smoke", "trainer.max_steps=2", "eval.sample_terms=0", "eval.perplexity=false",
-                        "logger=none", "model.optimizer_in_backward=true"], cwd=tmp_path)
+                        "logger=none", "model.optimizer_in_backward=true", "lora.init_lora_weights=default"],
+                       cwd=tmp_path)
     assert refused.returncode != 0 and "gradient_clip_val=1.0" in refused.stderr
 
 
 def test_sweep_runs_one_job_per_value(tmp_path, smollm2_path):
     result = _run_app(
         ["-m", "lora.r=4,8", "experiment=smoke", "trainer.max_steps=2", "eval.perplexity=false",
-         "eval.sample_terms=0", "logger=csv", "trainer.accelerator=cpu"],
+         "eval.sample_terms=0", "logger=csv", "trainer.accelerator=cpu",
+         "lora.init_lora_weights=default"],  # (no calibration pass per job: the sweep is what is tested)
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
