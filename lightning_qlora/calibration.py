@@ -15,8 +15,8 @@ of the blocks before it. (GPTQ runs each block twice, to feed the next one the o
 scratch probe on SmolLM2 that was no better: 88.9 vs 90.8 held-out perplexity at 64 rows, 86.4 vs 84.5 at 256.)
 Linears that read the same input (q/k/v, gate/up) share one statistic and are rounded in one pass; an ``on_layer``
 hook sees every layer's statistic (with ``rounding="nearest"`` only that: the error-correcting adapter init needs the
-statistics, not GPTQ). Nothing of the model is changed here: :func:`calibrated_weights` returns the rounded weights, and
-:func:`lightning_qlora.quantize.quantize_model` packs them (``rounded=``) while the model's own weights keep
+statistics, not GPTQ). Nothing of the model is changed here: :func:`calibrated_weights` returns the rounded weights,
+and :func:`lightning_qlora.quantize.quantize_model` packs them (``rounded=``) while the model's own weights keep
 their values (and fingerprint).
 
 Plain torch; nothing here knows about Lightning.

@@ -19,6 +19,7 @@ QuantType = Literal["nf4", "fp4", "none"]
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
 QuantStorage = Literal["auto", "uint8", "bf16", "fp16", "fp32"]
 Calibration = Literal["none", "gptq"]
+LoRAInit = Literal["default", "cloq"]
 
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4", "none")
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -193,7 +194,7 @@ class LoRAConfig:
     target_modules: str | Sequence[str] = ALL_LINEAR
     use_rslora: bool = False
     use_dora: bool = False
-    init_lora_weights: str = "default"
+    init_lora_weights: LoRAInit = "default"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -213,7 +214,7 @@ class LoRAConfig:
             problems.append(f"use_rslora={self.use_rslora!r} must be a bool (True or False).")
         if not isinstance(self.use_dora, bool):
             problems.append(f"use_dora={self.use_dora!r} must be a bool (True or False).")
-        if self.init_lora_weights not in LORA_INITS:
+        if not _is_one_of(self.init_lora_weights, LORA_INITS):
             problems.append(
                 f"init_lora_weights={self.init_lora_weights!r} must be one of {list(LORA_INITS)}: 'default' (zero B) "
                 "or 'cloq' (B @ A corrects the 4-bit rounding error on calibration data)."
