@@ -1,7 +1,7 @@
 """lightning_qlora's side of the H200 benchmark: the same Llama shapes, tokens and optimizer as the anchors.
 
     python benchmarks/bench_qlora.py --shape 7b --seq 2048 --rank 16 --ckpt 1 [--quant nf4|none] [--steps 8]
-        [--optim adamw|paged_adamw_8bit] [--optim-in-backward 1]
+        [--optim adamw|paged_adamw_8bit] [--optim-in-backward 1] [--compile 1 [--compile-mode reduce-overhead]]
 
 Builds the model on the meta device, quantizes it layer by layer on the GPU with lightning_qlora.quantize_model (a
 7B or 65B model never exists in bf16), injects LoRA on all linear layers (r, alpha=2r, dropout 0.05, as the PEFT
@@ -69,6 +69,10 @@ def main() -> None:
                     help="A/B of the fix: dequantize the 4-bit weights to fp32 and cast (the behaviour before it)")
     ap.add_argument("--fused", type=int, default=-1, help="LoRALinear.fused: 1 on, 0 the plain path, -1 auto (CUDA)")
     ap.add_argument("--compile", type=int, default=0, help="torch.compile each decoder layer")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode (e.g. reduce-overhead: CUDA graphs); default: torch's default")
+    ap.add_argument("--recompute-dequantize", type=int, default=1,
+                    help="compiled, no checkpointing: 0 lets the backward keep bf16 weights (the behaviour before)")
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     ap.add_argument("--memory-report", type=int, default=0, help="print allocated/reserved GiB around the first steps")
     a = ap.parse_args()
@@ -89,7 +93,8 @@ def main() -> None:
     if a.compile:  # what QLoRAPlugin(compile=True) does after conversion
         from lightning_qlora.kernels import compile_blocks
 
-        compile_blocks(model)
+        compile_blocks(model, recompute_dequantize=bool(a.recompute_dequantize),
+                       **({"mode": a.compile_mode} if a.compile_mode else {}))
     if a.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -142,7 +147,8 @@ def main() -> None:
     dt = (time.time() - t) / a.steps
     print(json.dumps(dict(
         system="lightning_qlora" if a.quant != "none" else "lightning_qlora-bf16-lora", quant=a.quant, shape=a.shape,
-        seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, optim=a.optim, optim_in_backward=a.optim_in_backward, dequantize_fp32=a.dequantize_fp32, fused=a.fused, compile=a.compile, trainable=trainable, setup_s=round(setup_s, 1),
+        seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, optim=a.optim, optim_in_backward=a.optim_in_backward, dequantize_fp32=a.dequantize_fp32, fused=a.fused, compile=a.compile,
+        compile_mode=a.compile_mode, recompute_dequantize=a.recompute_dequantize, trainable=trainable, setup_s=round(setup_s, 1),
         static_gib=round(static / 2**30, 2), peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None, step_s=round(dt, 4),
         tok_s=round(a.bs * a.seq / dt), loss=float(loss))), flush=True)

@@ -26,12 +26,18 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--ckpt", type=int, default=1)
+    ap.add_argument("--compile", type=int, default=0, help="torch.compile each decoder layer (compile_blocks)")
+    ap.add_argument("--compile-mode", default=None)
     ap.add_argument("--out", default="prof")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = build(a.shape, a.quant, a.rank, "cuda")
+    if a.compile:
+        from lightning_qlora.kernels import compile_blocks
+
+        compile_blocks(model, **({"mode": a.compile_mode} if a.compile_mode else {}))
     if a.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -47,6 +53,11 @@ def main() -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    print(f"step wall {(time.perf_counter() - started) / 5:.4f} s (not profiled, mean of 5)")
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         started = time.perf_counter()

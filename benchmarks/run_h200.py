@@ -43,6 +43,11 @@ RUNS: list[tuple[str, str, str, list[str]]] = [
      [OURS, *B7, "--ckpt", "1", "--quant", "none", "--compile", "1"]),
     ("7b-ckpt-ours-compile-inbwd", "7b", "lightning_qlora nf4-dq, compiled, fused AdamW stepped in backward",
      [OURS, *B7, "--ckpt", "1", "--compile", "1", "--optim-in-backward", "1"]),
+    ("7b-ckpt-ours-compile-cudagraphs", "7b", "lightning_qlora nf4-dq, compiled with CUDA graphs (reduce-overhead)",
+     [OURS, *B7, "--ckpt", "1", "--compile", "1", "--compile-mode", "reduce-overhead"]),
+    ("7b-ckpt-ours-compile-cudagraphs-inbwd", "7b",
+     "lightning_qlora nf4-dq, compiled with CUDA graphs, fused AdamW stepped in backward",
+     [OURS, *B7, "--ckpt", "1", "--compile", "1", "--compile-mode", "reduce-overhead", "--optim-in-backward", "1"]),
     ("7b-ckpt-ours-fp32dequant", "7b", "lightning_qlora nf4-dq, dequantized to fp32 then cast (before the fix)",
      [OURS, *B7, "--ckpt", "1", "--dequantize-fp32", "1"]),
     ("7b-ckpt-ours-compile-fp32dequant", "7b", "lightning_qlora nf4-dq, compiled, dequantized to fp32 then cast",
@@ -55,6 +60,11 @@ RUNS: list[tuple[str, str, str, list[str]]] = [
      [OURS, *B7, "--ckpt", "0", "--fused", "0"]),
     ("7b-nockpt-ours-compile", "7b", "lightning_qlora nf4-dq, torch.compile per block",
      [OURS, *B7, "--ckpt", "0", "--compile", "1"]),
+    ("7b-nockpt-ours-compile-saveweights", "7b",
+     "lightning_qlora nf4-dq, compiled, backward keeps bf16 weights (before change 10)",
+     [OURS, *B7, "--ckpt", "0", "--compile", "1", "--recompute-dequantize", "0"]),
+    ("7b-nockpt-ours-compile-cudagraphs", "7b", "lightning_qlora nf4-dq, compiled with CUDA graphs (reduce-overhead)",
+     [OURS, *B7, "--ckpt", "0", "--compile", "1", "--compile-mode", "reduce-overhead"]),
     ("7b-nockpt-ours-inbwd", "7b", "lightning_qlora nf4-dq, fused AdamW stepped in backward",
      [OURS, *B7, "--ckpt", "0", "--optim-in-backward", "1"]),
     ("65b-ours", "65b", "lightning_qlora nf4-dq", [OURS, *B65]),
@@ -111,8 +121,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # flag each (compile=True, OptimizerInBackward, paged 8-bit AdamW). A target is met when one configuration meets all
 # of its parts (speed and memory) in this run.
 CANDIDATES = {
-    "P1": ["7b-ckpt-ours", "7b-ckpt-ours-compile", "7b-ckpt-ours-compile-inbwd"],
-    "P2": ["7b-nockpt-ours", "7b-nockpt-ours-compile", "7b-nockpt-ours-inbwd"],
+    "P1": ["7b-ckpt-ours", "7b-ckpt-ours-compile", "7b-ckpt-ours-compile-inbwd", "7b-ckpt-ours-compile-cudagraphs",
+           "7b-ckpt-ours-compile-cudagraphs-inbwd"],
+    "P2": ["7b-nockpt-ours", "7b-nockpt-ours-compile", "7b-nockpt-ours-inbwd", "7b-nockpt-ours-compile-cudagraphs"],
     "P3": ["65b-ours", "65b-ours-inbwd", "65b-ours-paged", "65b-ours-paged-inbwd", "65b-ours-compile",
            "65b-ours-compile-inbwd", "65b-ours-paged-inbwd-compile"],
 }
