@@ -81,6 +81,9 @@ RUNS: list[tuple[str, str, str, list[str]]] = [
      [OURS, *B65, "--compile", "1", "--optim-in-backward", "1"]),
     ("65b-ours-paged-inbwd-compile", "65b", "lightning_qlora nf4-dq, compiled, paged 8-bit AdamW stepped in backward",
      [OURS, *B65, *PAGED, "--optim-in-backward", "1", "--compile", "1"]),
+    ("65b-ours-paged-inbwd-cudagraphs", "65b",
+     "lightning_qlora nf4-dq, compiled with CUDA graphs, paged 8-bit AdamW stepped in backward",
+     [OURS, *B65, *PAGED, "--optim-in-backward", "1", "--compile", "1", "--compile-mode", "reduce-overhead"]),
 ]
 
 # Llama-2-7B: 6.74e9 parameters; an H200 sustains ~790 TFLOP/s of bf16 matmul and ~4.3 TB/s (device README).
@@ -125,7 +128,7 @@ CANDIDATES = {
            "7b-ckpt-ours-compile-cudagraphs-inbwd"],
     "P2": ["7b-nockpt-ours", "7b-nockpt-ours-compile", "7b-nockpt-ours-inbwd", "7b-nockpt-ours-compile-cudagraphs"],
     "P3": ["65b-ours", "65b-ours-inbwd", "65b-ours-paged", "65b-ours-paged-inbwd", "65b-ours-compile",
-           "65b-ours-compile-inbwd", "65b-ours-paged-inbwd-compile"],
+           "65b-ours-compile-inbwd", "65b-ours-paged-inbwd-compile", "65b-ours-paged-inbwd-cudagraphs"],
 }
 # P4 compares like with like: (QLoRA run, our bf16 LoRA run with the same settings).
 P4_PAIRS = [("7b-ckpt-ours", "7b-ckpt-ours-bf16"), ("7b-nockpt-ours", "7b-nockpt-ours-bf16"),

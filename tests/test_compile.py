@@ -4,8 +4,12 @@ AOT autograd with inductor's own partitioner (min-cut rematerialization) and pas
 backward graphs are split exactly as on the GPU, and run eagerly (no C++ build on CI).
 """
 
+import functools
+
 import pytest
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -23,6 +27,24 @@ def _run_as_traced(graph_module, example_inputs):
 
 MIN_CUT = aot_autograd(fw_compiler=_run_as_traced, bw_compiler=_run_as_traced,
                        partition_fn=min_cut_rematerialization_partition)
+
+
+def _counting_backend(runs):
+    """MIN_CUT, counting each run of a compiled forward ("forward") and backward ("backward") graph."""
+
+    def counted(kind):
+        def compiler(graph_module, example_inputs):
+            def run(args):
+                runs[kind] += 1
+                return graph_module(*args)
+
+            run._boxed_call = True
+            return run
+
+        return compiler
+
+    return aot_autograd(fw_compiler=counted("forward"), bw_compiler=counted("backward"),
+                        partition_fn=min_cut_rematerialization_partition)
 
 
 def _fused_qlora_llama(config):
@@ -81,29 +103,162 @@ def test_compiled_backward_saves_no_dequantized_weight(tiny_llama_config, recomp
         torch.testing.assert_close(grad, eager_grads[name], rtol=2e-2, atol=2e-4, msg=name)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_the_selective_policy_steps_aside_under_full_checkpointing(tiny_llama_config, checkpointing, monkeypatch):
-    # With transformers' activation checkpointing the whole block is recomputed anyway: a selective checkpoint
-    # nested inside would only add work.
-    import lightning_qlora.kernels.compile as compile_module
+class CheckpointingInCall(nn.Module):
+    """A block that checkpoints itself in ``__call__``, outside ``forward``, as transformers' layers did up to
+    5.17 (``GradientCheckpointingLayer.__call__``): the compiled call would run inside that checkpoint."""
 
-    selective_calls = []
-    original = compile_module.checkpoint
+    gradient_checkpointing = False
 
-    def recording_checkpoint(*args, **kwargs):
-        selective_calls.append(1)
-        return original(*args, **kwargs)
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 128, bias=False)
+        self.down = nn.Linear(128, 64, bias=False)
 
-    monkeypatch.setattr(compile_module, "checkpoint", recording_checkpoint)
+    def __call__(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(functools.partial(super().__call__, **kwargs), *args)
+        return super().__call__(*args, **kwargs)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.silu(self.up(x)))
+
+
+class CallCheckpointingModel(nn.Module):
+    def __init__(self, blocks=3):
+        super().__init__()
+        self.layers = nn.ModuleList(CheckpointingInCall() for _ in range(blocks))
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def _qlora(model):
+    model = model.to(torch.bfloat16)
+    quantize_model(model, QuantConfig(compute_dtype="bf16"))
+    inject_lora(model, LoRAConfig(r=4, dropout=0.0, init_lora_weights="default"))
+    mark_only_lora_as_trainable(model)
+    for _, layer in iter_lora_layers(model):
+        layer.fused = True
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+    return model.train()
+
+
+class _Case:
+    """A model of one checkpointing style, its switch, one training step and its blocks."""
+
+    def __init__(self, style, config):
+        torch.manual_seed(0)
+        self.config = config
+        if style == "checkpoint in __call__":
+            self.model = _qlora(CallCheckpointingModel())
+            self.blocks = list(self.model.layers)
+        else:
+            self.model = _fused_qlora_llama(config)
+            self.blocks = list(self.model.model.layers)
+        self.style = style
+
+    def enable_checkpointing(self):
+        if self.style == "checkpoint in __call__":
+            for block in self.blocks:
+                block.gradient_checkpointing = True
+                block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def step(self):
+        torch.manual_seed(3)
+        if self.style == "checkpoint in __call__":
+            x = torch.randn(24, 64, dtype=torch.bfloat16, requires_grad=True)
+            self.model(x).float().square().mean().backward()
+        else:
+            ids = torch.randint(0, self.config.vocab_size, (1, 24))
+            self.model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("style", ["checkpoint in __call__", "checkpoint in forward (transformers)"])
+@pytest.mark.parametrize("enable_after_compile", [False, True])
+def test_checkpointed_blocks_recompute_inside_the_compiled_backward(tiny_llama_config, style, enable_after_compile):
+    # Outside the compiled region the recompute ran the compiled forward a second time during backward, which CUDA
+    # graphs cannot do. Inside, each block runs one forward graph and one backward graph (holding the recompute).
+    torch._dynamo.reset()
+    case = _Case(style, tiny_llama_config)
+    if not enable_after_compile:
+        case.enable_checkpointing()
+    runs = {"forward": 0, "backward": 0}
+    compile_blocks(case.model, backend=_counting_backend(runs))
+    if enable_after_compile:
+        case.enable_checkpointing()
+    compiled_grads = case.step()
+    assert runs == {"forward": len(case.blocks), "backward": len(case.blocks)}, runs
+    assert all(block.gradient_checkpointing for block in case.blocks)
+
+    torch._dynamo.reset()
+    eager = _Case(style, tiny_llama_config)  # the same weights and adapters (same seed), checkpointed eagerly
+    eager.enable_checkpointing()
+    eager_grads = eager.step()
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in compiled_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, eager_grads[name], rtol=2e-2, atol=2e-4, msg=name)
+
+
+def test_uncheckpointed_compiled_blocks_run_each_graph_once_and_no_grad_runs_plain(tiny_llama_config):
     torch._dynamo.reset()
     model = _fused_qlora_llama(tiny_llama_config)
-    compile_blocks(model, backend=MIN_CUT)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids = torch.randint(0, tiny_llama_config.vocab_size, (2, 16))
+    runs = {"forward": 0, "backward": 0}
+    compile_blocks(model, backend=_counting_backend(runs))
+    ids = torch.randint(0, tiny_llama_config.vocab_size, (1, 24))
     model(input_ids=ids, labels=ids).loss.backward()
-    assert bool(selective_calls) is not checkpointing
-    with torch.no_grad():  # no backward, nothing to recompute: plain forward
-        selective_calls.clear()
-        model(input_ids=ids)
-    assert not selective_calls
+    assert runs == {"forward": 2, "backward": 2}, runs
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("checkpointing,in_backward", [(True, True), (False, False)],
+                         ids=["checkpointed+step-in-backward", "plain"])
+def test_cuda_graphs_train_compiled_blocks_like_eager(tiny_llama_config, checkpointing, in_backward):
+    # mode="reduce-overhead" (CUDA graphs of each block's forward and backward): with checkpointing outside the
+    # compiled region the recompute overwrote the graphs' outputs ("accessing tensor output of CUDAGraphs that has
+    # been overwritten"), seen on the H200 with transformers 5.17.
+    from transformers import LlamaForCausalLM
+
+    from lightning_qlora.optim_in_backward import OptimizerInBackward
+
+    def train(compiled):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config).to("cuda", torch.bfloat16)
+        quantize_model(model, QuantConfig(compute_dtype="bf16"), device="cuda")
+        inject_lora(model, LoRAConfig(r=4, dropout=0.0, init_lora_weights="default"))
+        mark_only_lora_as_trainable(model)
+        if compiled:
+            compile_blocks(model, mode="reduce-overhead")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        params = [p for p in model.parameters() if p.requires_grad]
+        settings = dict(lr=1e-2, fused=True)
+        opt = (OptimizerInBackward(params, torch.optim.AdamW, **settings) if in_backward
+               else torch.optim.AdamW(params, **settings))
+        model.train()
+        ids = torch.randint(0, tiny_llama_config.vocab_size, (2, 32), device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(1))
+        losses = []
+        for _ in range(6):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+
+    eager, graphs = train(False), train(True)
+    assert graphs[-1] < graphs[0], graphs
+    for e, g in zip(eager, graphs):
+        assert abs(e - g) / e < 2e-2, (eager, graphs)

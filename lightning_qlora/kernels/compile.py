@@ -5,12 +5,18 @@ and works with per-block activation checkpointing. bitsandbytes' 4-bit ops are r
 fuses the element-wise work around them (norms, rotary embeddings, activations, residual adds) and the step issues
 far fewer kernels. Measured speed-ups are in ``benchmarks/README.md``.
 
-Without activation checkpointing, a compiled block also runs under a selective-checkpoint policy that marks
+Activation checkpointing happens inside the compiled region. transformers checkpoints a layer in its ``__call__``
+(up to 4.x-5.17) or its ``forward`` (later); a compiled block takes that over (the layer's checkpoint function
+becomes a pass-through, the block's own forward checkpoints when ``gradient_checkpointing`` is on), so one compiled
+graph holds the forward and another the recompute and backward, whatever the transformers version. Outside the
+compiled region the recompute replayed the compiled forward during backward, which CUDA graphs
+(``mode="reduce-overhead"``) cannot do: they overwrote the forward's outputs (seen on the H200).
+
+Without activation checkpointing, a compiled block runs under a selective-checkpoint policy that marks
 bitsandbytes' dequantize ops "must recompute". Without it, AOT autograd's joint graph merges the backward's
 dequantize with the forward's (the same call on the same packed weight) and inductor's min-cut partitioner then
 saves every layer's bf16 weight for backward: a 7B model without checkpointing peaked at 24.92 GiB compiled against
-17.49 GiB eager on the H200. With the policy the backward dequantizes again from the 4-bit weight (a few ms per step
-on the H200) and only activations are saved.
+17.49 GiB eager on the H200; 12.91 GiB with the policy, at the same speed or better (``benchmarks/NOTES.md``).
 """
 
 from __future__ import annotations
@@ -46,8 +52,7 @@ def compile_blocks(root: nn.Module, recompute_dequantize: bool = True, **compile
         )
     for _, block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
-            if recompute_dequantize:
-                _recompute_dequantize_in_backward(block)
+            _checkpoint_inside_compiled_region(block, recompute_dequantize)
             block.compile(**compile_kwargs)
     config = getattr(root, "config", None)
     if getattr(config, "use_cache", False):
@@ -82,26 +87,51 @@ def recompute_dequantize_policy(ops: frozenset[Any]) -> Any:
     return policy
 
 
-def _recompute_dequantize_in_backward(block: nn.Module) -> None:
-    """Route ``block``'s forward through a selective checkpoint that recomputes only the dequantize ops, whenever
-    it runs with gradients and without its own (full) activation checkpointing.
+def run_in_place(function: Any, *args: Any) -> Any:
+    """What a compiled transformers layer's checkpoint function becomes: it calls ``function`` (the block's own
+    forward checkpoints instead, inside the compiled region)."""
+    return function(*args)
 
-    The wrapper is an instance attribute, so ``nn.Module.__call__`` (and the compiled call around it) runs it; the
-    class's forward, transformers' checkpointing wrapper included, runs inside.
+
+_COMPILED_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _compiled_layer_class(cls: type) -> type:
+    """A subclass of a transformers checkpointing layer whose ``_gradient_checkpointing_func`` is always
+    :func:`run_in_place` (what ``gradient_checkpointing_enable`` sets, before or after compiling, is ignored)."""
+    if cls not in _COMPILED_LAYER_CLASSES:
+        hook = property(lambda self: run_in_place, lambda self, value: None)
+        _COMPILED_LAYER_CLASSES[cls] = type(cls.__name__, (cls,), {
+            "_gradient_checkpointing_func": hook, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        })
+    return _COMPILED_LAYER_CLASSES[cls]
+
+
+def _checkpoint_inside_compiled_region(block: nn.Module, recompute_dequantize: bool) -> None:
+    """Route ``block``'s forward through the checkpoint it needs, inside the compiled call.
+
+    With gradients: a full (non-reentrant) checkpoint when the block is activation-checkpointed
+    (``block.gradient_checkpointing`` in training, transformers' switch); otherwise, for a block with 4-bit
+    linears and ``recompute_dequantize``, the selective checkpoint that recomputes only the dequantize ops. The
+    wrapper is an instance attribute, so ``nn.Module.__call__`` (and the compiled call around it) runs it.
     """
-    if not has_quantized_linears(block):
-        return  # nothing to dequantize (bf16 LoRA): no wrapper
-    ops = dequantize_ops()
-    if not ops:
+    takes_over = hasattr(type(block), "gradient_checkpointing")  # a transformers GradientCheckpointingLayer
+    if takes_over:
+        block.__class__ = _compiled_layer_class(type(block))
+    ops = dequantize_ops() if recompute_dequantize and has_quantized_linears(block) else frozenset()
+    if not takes_over and not ops:
         return
     forward = block.forward
-    context_fn = functools.partial(create_selective_checkpoint_contexts, recompute_dequantize_policy(ops))
+    selective = functools.partial(create_selective_checkpoint_contexts, recompute_dequantize_policy(ops))
 
     @functools.wraps(forward)
-    def forward_recomputing_dequantize(*args: Any, **kwargs: Any) -> Any:
-        checkpointed = getattr(block, "gradient_checkpointing", False) and block.training
-        if not torch.is_grad_enabled() or checkpointed:
+    def forward_in_compiled_region(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        if takes_over and block.gradient_checkpointing and block.training:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        if ops:
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=selective, **kwargs)
+        return forward(*args, **kwargs)
 
-    block.forward = forward_recomputing_dequantize
+    block.forward = forward_in_compiled_region
