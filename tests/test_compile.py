@@ -243,7 +243,7 @@ def test_cuda_graphs_train_compiled_blocks_like_eager(tiny_llama_config, checkpo
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         params = [p for p in model.parameters() if p.requires_grad]
-        settings = dict(lr=1e-2, fused=True)
+        settings = dict(lr=2e-3, fused=True)
         opt = (OptimizerInBackward(params, torch.optim.AdamW, **settings) if in_backward
                else torch.optim.AdamW(params, **settings))
         model.train()

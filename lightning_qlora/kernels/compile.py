@@ -87,6 +87,16 @@ def recompute_dequantize_policy(ops: frozenset[Any]) -> Any:
     return policy
 
 
+def recompute_everything_policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Full activation checkpointing spelled as a selective policy: every op must be recomputed in backward."""
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+#: How a compiled, activation-checkpointed block checkpoints: "must-recompute" (a selective checkpoint whose policy
+#: recomputes every op) or "full" (torch's plain checkpoint, whose ops the partitioner only prefers to recompute).
+FULL_CHECKPOINT = "must-recompute"
+
+
 def run_in_place(function: Any, *args: Any) -> Any:
     """What a compiled transformers layer's checkpoint function becomes: it calls ``function`` (the block's own
     forward checkpoints instead, inside the compiled region)."""
@@ -123,13 +133,16 @@ def _checkpoint_inside_compiled_region(block: nn.Module, recompute_dequantize: b
         return
     forward = block.forward
     selective = functools.partial(create_selective_checkpoint_contexts, recompute_dequantize_policy(ops))
+    recompute_everything = functools.partial(create_selective_checkpoint_contexts, recompute_everything_policy)
 
     @functools.wraps(forward)
     def forward_in_compiled_region(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         if takes_over and block.gradient_checkpointing and block.training:
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            if FULL_CHECKPOINT == "full":
+                return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=recompute_everything, **kwargs)
         if ops:
             return checkpoint(forward, *args, use_reentrant=False, context_fn=selective, **kwargs)
         return forward(*args, **kwargs)
