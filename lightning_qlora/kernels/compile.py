@@ -6,11 +6,14 @@ fuses the element-wise work around them (norms, rotary embeddings, activations, 
 far fewer kernels. Measured speed-ups are in ``benchmarks/README.md``.
 
 Activation checkpointing happens inside the compiled region. transformers checkpoints a layer in its ``__call__``
-(up to 4.x-5.17) or its ``forward`` (later); a compiled block takes that over (the layer's checkpoint function
-becomes a pass-through, the block's own forward checkpoints when ``gradient_checkpointing`` is on), so one compiled
-graph holds the forward and another the recompute and backward, whatever the transformers version. Outside the
-compiled region the recompute replayed the compiled forward during backward, which CUDA graphs
-(``mode="reduce-overhead"``) cannot do: they overwrote the forward's outputs (seen on the H200).
+(up to 5.17) or its ``forward`` (later); a compiled block takes that over (the layer's checkpoint function becomes a
+pass-through, the block's own forward checkpoints when ``gradient_checkpointing`` is on), so one compiled graph holds
+the forward and another the recompute and backward, whatever the transformers version. Outside the compiled region
+the recompute replayed the compiled forward during backward, which CUDA graphs (``mode="reduce-overhead"``) cannot
+do: they overwrote the forward's outputs (seen on the H200). The checkpoint is a selective one whose policy makes
+every op "must recompute": with torch's plain checkpoint (ops only "prefer" recompute) inductor on the H200 (torch
+2.11) recomputed nothing and kept each layer's bf16 weights and activations, 0.75 GiB per 7B layer against 0.15
+(``benchmarks/saved_activations.py``); the CPU build recomputed either way.
 
 Without activation checkpointing, a compiled block runs under a selective-checkpoint policy that marks
 bitsandbytes' dequantize ops "must recompute". Without it, AOT autograd's joint graph merges the backward's
