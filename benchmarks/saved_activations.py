@@ -26,8 +26,8 @@ VARIANTS = {
     "eager": dict(compile=False, ckpt=False),
     "eager-ckpt": dict(compile=False, ckpt=True),
     "compiled": dict(compile=True, ckpt=False),
-    "compiled-ckpt-must-recompute": dict(compile=True, ckpt=True, full="must-recompute"),
-    "compiled-ckpt-full": dict(compile=True, ckpt=True, full="full"),
+    "compiled-ckpt-must-recompute": dict(compile=True, ckpt=True, checkpointing="must-recompute"),
+    "compiled-ckpt-full": dict(compile=True, ckpt=True, checkpointing="torch-default"),
 }
 
 
@@ -40,7 +40,6 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     a = ap.parse_args()
-    import lightning_qlora.kernels.compile as compile_module
     from lightning_qlora.kernels import compile_blocks
 
     bench_qlora.SHAPES[a.shape] = {**bench_qlora.SHAPES[a.shape], "num_hidden_layers": a.layers}
@@ -50,9 +49,8 @@ def main() -> None:
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = bench_qlora.build(a.shape, "nf4", a.rank, a.device)
-        compile_module.FULL_CHECKPOINT = variant.get("full", "must-recompute")
         if variant["compile"]:
-            compile_blocks(model)
+            compile_blocks(model, checkpointing=variant.get("checkpointing", "must-recompute"))
         if variant["ckpt"]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()

@@ -35,18 +35,26 @@ from lightning_qlora.quantize import has_quantized_linears
 from lightning_qlora.sharding import shard_units
 
 
-def compile_blocks(root: nn.Module, recompute_dequantize: bool = True, **compile_kwargs: Any) -> list[str]:
+def compile_blocks(
+    root: nn.Module, recompute_dequantize: bool = True, checkpointing: str = "must-recompute", **compile_kwargs: Any
+) -> list[str]:
     """``torch.compile`` each transformer block of ``root`` in place (``nn.Module.compile``); returns their names.
 
     Args:
         root: the model (e.g. a transformers causal LM).
         recompute_dequantize: when a block is not activation-checkpointed, have its backward dequantize the 4-bit
             weights again instead of saving them in bf16 (see the module docstring); ``False`` only to compare.
+        checkpointing: how an activation-checkpointed block checkpoints inside the compiled region:
+            ``"must-recompute"`` (a selective checkpoint recomputing every op) or ``"torch-default"`` (torch's plain
+            checkpoint, which inductor on the H200 did not honour; only to compare).
         **compile_kwargs: passed to ``torch.compile`` (``backend``, ``mode``, ``dynamic``...).
 
     Raises:
-        ValueError: when the model has no repeated blocks (no ``nn.ModuleList`` of layers holding linears).
+        ValueError: when the model has no repeated blocks (no ``nn.ModuleList`` of layers holding linears), or for
+            an unknown ``checkpointing``.
     """
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"compile_blocks(checkpointing={checkpointing!r}): expected one of {CHECKPOINTING}.")
     blocks = shard_units(root)
     if not blocks:
         raise ValueError(
@@ -55,7 +63,7 @@ def compile_blocks(root: nn.Module, recompute_dequantize: bool = True, **compile
         )
     for _, block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
-            _checkpoint_inside_compiled_region(block, recompute_dequantize)
+            _checkpoint_inside_compiled_region(block, recompute_dequantize, checkpointing)
             block.compile(**compile_kwargs)
     config = getattr(root, "config", None)
     if getattr(config, "use_cache", False):
@@ -95,9 +103,8 @@ def recompute_everything_policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) 
     return CheckpointPolicy.MUST_RECOMPUTE
 
 
-#: How a compiled, activation-checkpointed block checkpoints: "must-recompute" (a selective checkpoint whose policy
-#: recomputes every op) or "full" (torch's plain checkpoint, whose ops the partitioner only prefers to recompute).
-FULL_CHECKPOINT = "must-recompute"
+#: How a compiled, activation-checkpointed block checkpoints (``compile_blocks(checkpointing=...)``).
+CHECKPOINTING = ("must-recompute", "torch-default")
 
 
 def run_in_place(function: Any, *args: Any) -> Any:
@@ -120,13 +127,15 @@ def _compiled_layer_class(cls: type) -> type:
     return _COMPILED_LAYER_CLASSES[cls]
 
 
-def _checkpoint_inside_compiled_region(block: nn.Module, recompute_dequantize: bool) -> None:
+def _checkpoint_inside_compiled_region(block: nn.Module, recompute_dequantize: bool, checkpointing: str) -> None:
     """Route ``block``'s forward through the checkpoint it needs, inside the compiled call.
 
-    With gradients: a full (non-reentrant) checkpoint when the block is activation-checkpointed
+    With gradients: a checkpoint that recomputes every op when the block is activation-checkpointed
     (``block.gradient_checkpointing`` in training, transformers' switch); otherwise, for a block with 4-bit
     linears and ``recompute_dequantize``, the selective checkpoint that recomputes only the dequantize ops. The
-    wrapper is an instance attribute, so ``nn.Module.__call__`` (and the compiled call around it) runs it.
+    wrapper is an instance attribute, so ``nn.Module.__call__`` (and the compiled call around it) runs it. A
+    transformers layer becomes an instance of a same-named subclass (see :func:`_compiled_layer_class`), so a
+    compiled model pickles no more than any ``torch.compile``-d module does (its state dict is unchanged).
     """
     takes_over = hasattr(type(block), "gradient_checkpointing")  # a transformers GradientCheckpointingLayer
     if takes_over:
@@ -143,7 +152,7 @@ def _checkpoint_inside_compiled_region(block: nn.Module, recompute_dequantize: b
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         if takes_over and block.gradient_checkpointing and block.training:
-            if FULL_CHECKPOINT == "full":
+            if checkpointing == "torch-default":
                 return checkpoint(forward, *args, use_reentrant=False, **kwargs)
             return checkpoint(forward, *args, use_reentrant=False, context_fn=recompute_everything, **kwargs)
         if ops:
