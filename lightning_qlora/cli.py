@@ -29,6 +29,14 @@ def main(cfg: DictConfig) -> float:
     return float(results["perplexity_after"] if results["perplexity_after"] is not None else math.nan)
 
 
+def _compile_setting(value: Any) -> Any:
+    """The app's ``compile`` value for ``QLoRAPlugin(compile=...)``: false/true, a torch.compile mode name, or a
+    mapping of torch.compile arguments (the plugin refuses anything else, listing the modes)."""
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return False if value is None else value
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one fine-tune described by ``cfg`` and return (and write to ``results.json``) what it measured."""
     _quiet_known_noise()
@@ -52,7 +60,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = instantiate(cfg.model, name_or_path=model_path)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    plugin = QLoRAPlugin(quant=quant, lora=lora, compile=bool(cfg.get("compile", False)))
+    plugin = QLoRAPlugin(quant=quant, lora=lora, compile=_compile_setting(cfg.get("compile", False)))
     trainer = instantiate(cfg.trainer, plugins=[plugin], callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -19,6 +19,9 @@ from lightning_qlora.adapters import adapter_root
 from lightning_qlora.calibration import CalibrationError, CalibrationReport, calibrated_weights, default_forward
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.kernels.compile import compile_blocks
+
+#: ``torch.compile``'s modes, accepted as ``QLoRAPlugin(compile=...)`` (and the app's ``compile=...``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 from lightning_qlora.lora import inject_lora, mark_only_lora_as_trainable
 from lightning_qlora.lora_init import ErrorCorrectingInit
 from lightning_qlora.quantize import (
@@ -96,9 +99,12 @@ class QLoRAPlugin(Precision):
         quant: quantization settings; ``QuantConfig()`` by default. ``QuantConfig(quant_type="none")`` keeps the
             base in ``compute_dtype`` unquantized (plain LoRA, same code path).
         lora: adapter settings; ``LoRAConfig()`` by default. ``None`` only quantizes and freezes.
-        compile: ``torch.compile`` each transformer block after conversion (``True``, or a dict of ``torch.compile``
-            arguments such as ``{"mode": "max-autotune-no-cudagraphs"}``). Faster steps on CUDA (numbers in
-            ``benchmarks/README.md``); the first steps pay the compile time. Off by default.
+        compile: ``torch.compile`` each transformer block after conversion (``True``, a ``torch.compile`` mode such
+            as ``"reduce-overhead"``, or a dict of ``torch.compile`` arguments). Faster steps on CUDA; with
+            ``"reduce-overhead"`` each block's forward and backward also run as CUDA graphs, the fastest setting
+            measured on the H200 (numbers in ``benchmarks/README.md``). Activation checkpointing (transformers'
+            ``gradient_checkpointing_enable``) then happens inside the compiled blocks
+            (:mod:`lightning_qlora.kernels.compile`). The first steps pay the compile time. Off by default.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -114,7 +120,7 @@ class QLoRAPlugin(Precision):
         self,
         quant: QuantConfig | None = None,
         lora: LoRAConfig | None | _Default = DEFAULT,
-        compile: bool | dict[str, Any] = False,
+        compile: bool | str | dict[str, Any] = False,
     ) -> None:
         if isinstance(lora, _Default):
             lora = LoRAConfig()
@@ -122,8 +128,13 @@ class QLoRAPlugin(Precision):
             raise TypeError(f"QLoRAPlugin(quant={quant!r}) must be a QuantConfig, e.g. QuantConfig(quant_type='nf4').")
         if lora is not None and not isinstance(lora, LoRAConfig):
             raise TypeError(f"QLoRAPlugin(lora={lora!r}) must be a LoRAConfig or None, e.g. LoRAConfig(r=16).")
+        if isinstance(compile, str) and compile in COMPILE_MODES:
+            compile = {"mode": compile}
         if not isinstance(compile, (bool, dict)):
-            raise TypeError(f"QLoRAPlugin(compile={compile!r}) must be True, False or a dict of torch.compile arguments.")
+            raise TypeError(
+                f"QLoRAPlugin(compile={compile!r}) must be True, False, a torch.compile mode "
+                f"({', '.join(COMPILE_MODES)}) or a dict of torch.compile arguments."
+            )
         self.quant = quant or QuantConfig()
         self.lora = lora
         self.compile = compile

@@ -45,6 +45,20 @@ def test_overrides_compose():
     assert _compose(["experiment=smoke"]).trainer.max_steps == 8
 
 
+def test_compile_override_reaches_the_plugin_as_a_mode():
+    from lightning_qlora.cli import _compile_setting
+    from lightning_qlora.precision import QLoRAPlugin
+
+    assert QLoRAPlugin(compile=_compile_setting(_compose([]).compile)).compile is False
+    assert QLoRAPlugin(compile=_compile_setting(_compose(["compile=true"]).compile)).compile is True
+    plugin = QLoRAPlugin(compile=_compile_setting(_compose(["compile=reduce-overhead"]).compile))
+    assert plugin.compile == {"mode": "reduce-overhead"}
+    plugin = QLoRAPlugin(compile=_compile_setting(_compose(["compile={mode: max-autotune, dynamic: false}"]).compile))
+    assert plugin.compile == {"mode": "max-autotune", "dynamic": False}
+    with pytest.raises(TypeError, match="reduce-overhead"):
+        QLoRAPlugin(compile=_compile_setting(_compose(["compile=fast"]).compile))
+
+
 def test_override_typo_fails_with_hydras_message():
     with pytest.raises(ConfigCompositionException, match=r"Could not override 'lora.rr'"):
         _compose(["lora.rr=8"])

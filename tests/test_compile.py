@@ -284,3 +284,27 @@ def test_cuda_graphs_train_compiled_blocks_like_eager(tiny_llama_config, checkpo
     assert graphs[-1] < graphs[0], graphs
     for e, g in zip(eager, graphs):
         assert abs(e - g) / e < 2e-2, (eager, graphs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trainer_fits_with_cuda_graphs_and_checkpointing(tiny_llama_config):
+    # The user-facing path: strategy="qlora", QLoRAPlugin(compile="reduce-overhead"), transformers' checkpointing.
+    from helpers import CausalLMModule, fast_trainer, token_loader
+
+    from lightning_qlora import QLoRAPlugin
+
+    class Checkpointed(CausalLMModule):
+        def __init__(self, config):
+            super().__init__(config, lr=3e-3)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    torch._dynamo.reset()
+    module = Checkpointed(tiny_llama_config)
+    plugin = QLoRAPlugin(lora=LoRAConfig(r=8, alpha=16, dropout=0.05), compile="reduce-overhead")
+    fast_trainer(strategy="qlora", accelerator="cuda", devices=1, max_steps=24, plugins=[plugin]).fit(
+        module, token_loader())
+    blocks = module.model.model.layers
+    assert all(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
+    assert all(block.gradient_checkpointing for block in blocks)
+    assert sum(module.losses[-4:]) / 4 < sum(module.losses[:4]) / 4 - 0.3, module.losses

@@ -164,8 +164,9 @@ def test_compile_option_compiles_each_block_and_trains_like_eager(tiny_llama_con
     assert compiled.losses[-1] < compiled.losses[0]
     for e, c in zip(eager.losses, compiled.losses):
         assert abs(e - c) / e < 2e-2, (eager.losses, compiled.losses)
-    with pytest.raises(TypeError, match="compile="):
+    with pytest.raises(TypeError, match="compile='yes'.*reduce-overhead"):
         QLoRAPlugin(compile="yes")
+    assert QLoRAPlugin(compile="reduce-overhead").compile == {"mode": "reduce-overhead"}
 
 
 def test_tied_embeddings_count_once_in_the_summary(tiny_llama_config):
