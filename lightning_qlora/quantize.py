@@ -198,9 +198,12 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """The full-precision weight of a linear (dequantized for a 4-bit one), shape ``(out_features, in_features)``."""
     if not is_quantized_linear(module):
         return module.weight.detach()
-    bnb = import_bitsandbytes()
+    # A 4-bit layer means bitsandbytes is imported already; a plain import (not the cached import_bitsandbytes) also
+    # keeps torch.compile from warning about tracing through a functools cache on every compiled block.
+    import bitsandbytes.functional
+
     restore_training_layout(module)
-    return bnb.functional.dequantize_4bit(module.weight.data, quant_state_of(module))
+    return bitsandbytes.functional.dequantize_4bit(module.weight.data, quant_state_of(module))
 
 
 def quant_state_of(module: nn.Module) -> Any:
