@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from lightning_qlora._bnb import import_bitsandbytes
 from lightning_qlora.quantize import has_quantized_linears
 from lightning_qlora.sharding import shard_units
 
@@ -79,7 +80,7 @@ def compile_blocks(
 def dequantize_ops() -> frozenset[Any]:
     """bitsandbytes' dequantize ops (every overload of ``dequantize_4bit`` and ``dequantize_blockwise``, the latter
     for double-quantized constants); empty when bitsandbytes registered none."""
-    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+    import_bitsandbytes()  # registers torch.ops.bitsandbytes
 
     ops = []
     for name in ("dequantize_4bit", "dequantize_blockwise"):
