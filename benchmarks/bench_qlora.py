@@ -145,10 +145,14 @@ def main() -> None:
         loss = step()
     sync()
     dt = (time.time() - t) / a.steps
+    from torch._dynamo.utils import counters  # what compile did: graphs, recompiles, CUDA-graph skips
+
+    compiled = dict(graphs=counters["stats"].get("unique_graphs", 0),
+                    cudagraph_skips=counters["inductor"].get("cudagraph_skips", 0)) if a.compile else None
     print(json.dumps(dict(
         system="lightning_qlora" if a.quant != "none" else "lightning_qlora-bf16-lora", quant=a.quant, shape=a.shape,
         seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, optim=a.optim, optim_in_backward=a.optim_in_backward, dequantize_fp32=a.dequantize_fp32, fused=a.fused, compile=a.compile,
-        compile_mode=a.compile_mode, recompute_dequantize=a.recompute_dequantize, trainable=trainable, setup_s=round(setup_s, 1),
+        compile_mode=a.compile_mode, recompute_dequantize=a.recompute_dequantize, compiled=compiled, trainable=trainable, setup_s=round(setup_s, 1),
         static_gib=round(static / 2**30, 2), peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None, step_s=round(dt, 4),
         tok_s=round(a.bs * a.seq / dt), loss=float(loss))), flush=True)
