@@ -47,19 +47,24 @@ def _counting_backend(runs):
                         partition_fn=min_cut_rematerialization_partition)
 
 
-def _fused_qlora_llama(config):
-    """A tiny bf16 Llama, NF4 + double quant, LoRA on every linear through the fused node (as on CUDA)."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+def _qlora(model, dropout=0.0):
+    """``model`` in bf16, NF4 + double quant, LoRA on every linear through the fused node (as on CUDA)."""
+    model = model.to(torch.bfloat16)
     quantize_model(model, QuantConfig(compute_dtype="bf16"))
-    inject_lora(model, LoRAConfig(r=4, dropout=0.1, init_lora_weights="default"))
+    inject_lora(model, LoRAConfig(r=4, dropout=dropout, init_lora_weights="default"))
     mark_only_lora_as_trainable(model)
     for _, layer in iter_lora_layers(model):
         layer.fused = True
         torch.nn.init.normal_(layer.lora_B.weight, std=0.02)  # nonzero B: gradients reach A and the input too
     return model.train()
+
+
+def _fused_qlora_llama(config):
+    """A tiny Llama through :func:`_qlora`, with adapter dropout."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return _qlora(LlamaForCausalLM(config), dropout=0.1)
 
 
 def _saved_for_backward(model, ids):
@@ -132,17 +137,6 @@ class CallCheckpointingModel(nn.Module):
         for block in self.layers:
             x = block(x)
         return x
-
-
-def _qlora(model):
-    model = model.to(torch.bfloat16)
-    quantize_model(model, QuantConfig(compute_dtype="bf16"))
-    inject_lora(model, LoRAConfig(r=4, dropout=0.0, init_lora_weights="default"))
-    mark_only_lora_as_trainable(model)
-    for _, layer in iter_lora_layers(model):
-        layer.fused = True
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
-    return model.train()
 
 
 class _Case:
