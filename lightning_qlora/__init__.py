@@ -11,6 +11,7 @@ from lightning_qlora.callbacks import AdapterCheckpoint, PeakMemoryMonitor
 from lightning_qlora.config import ConfigError, LoRAConfig, QuantConfig
 from lightning_qlora.lora import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
 from lightning_qlora.lora_init import ErrorCorrectingInit
+from lightning_qlora.optim_8bit import AdamW8bit
 from lightning_qlora.optim_in_backward import OptimizerInBackward
 from lightning_qlora.precision import QLoRAPlugin
 from lightning_qlora.quantize import QuantizationReport, quantize_model
@@ -20,6 +21,7 @@ from lightning_qlora.strategy import QLoRADDPStrategy, QLoRAFSDPStrategy, QLoRAS
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamW8bit",
     "AdapterCheckpoint",
     "CalibrationError",
     "ConfigError",

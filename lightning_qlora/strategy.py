@@ -29,6 +29,7 @@ from lightning_qlora.sharding import (
     QuantStorageMismatchError,
     copy_full_into,
     full_tensor,
+    is_sharded,
     shard_model,
     shard_unit,
     shard_units,
@@ -435,9 +436,14 @@ def _warn_cpu_once() -> None:
 def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that require grad (the adapters), detached and whole, keyed by qualified name.
 
-    Sharded (FSDP) parameters are all-gathered, so under FSDP every rank must call this.
+    Sharded (FSDP) parameters are all-gathered one at a time and moved to the CPU, so a rank never holds all the
+    whole adapters on its GPU (65B at r 64: 3 GiB); under FSDP every rank must call this.
     """
-    return {name: full_tensor(p.detach()) for name, p in module.named_parameters() if p.requires_grad}
+    return {
+        name: full_tensor(p.detach()).cpu() if is_sharded(p) else p.detach()
+        for name, p in module.named_parameters()
+        if p.requires_grad
+    }
 
 
 def load_trainable_state_dict(module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_qlora import AdapterCheckpoint, LoRAConfig, QLoRAPlugin, QuantConfig
+from lightning_qlora.optim_8bit import AdamW8bit
 from lightning_qlora.quantize import is_quantized_linear, iter_linears
 from lightning_qlora.sharding import is_sharded
 from lightning_qlora.strategy import trainable_state_dict
@@ -44,6 +45,8 @@ class SeededInit(CausalLMModule):
             # The update is linear in the gradient: FSDP's averaged gradient and one process's gradient of the same
             # global batch give the same step up to float rounding.
             return torch.optim.SGD(params, lr=0.5)
+        if self.optimizer == "adamw8bit":  # every tensor 8-bit, even the tiny test model's (shards of 128 values)
+            return AdamW8bit(params, lr=self.lr, min_8bit_size=1)
         return torch.optim.AdamW(params, lr=self.lr)
 
 

@@ -133,9 +133,11 @@ def test_short_end_to_end_run_of_the_default_job(tmp_path, smollm2_path):
 
 @pytest.mark.slow
 def test_the_app_runs_fully_sharded_on_two_processes(tmp_path, smollm2_path):
-    # The README's multi-GPU command, on 2 CPU processes (gloo): Lightning's launcher re-runs the app per rank.
+    # The README's multi-GPU command, on 2 CPU processes (gloo): Lightning's launcher re-runs the app per rank,
+    # with the 8-bit AdamW that steps each rank's shard.
     result = _run_app(["trainer.strategy=qlora_fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
-                       "lora.init_lora_weights=default", "experiment=smoke", "eval.sample_terms=0", "logger=csv"],
+                       "lora.init_lora_weights=default", "experiment=smoke", "eval.sample_terms=0", "logger=csv",
+                       "model.optimizer=adamw8bit"],
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     (run_dir,) = list((tmp_path / "outputs").glob("*/*"))

@@ -82,15 +82,22 @@ def test_dora_under_fsdp_matches_one_process(tmp_path):
     assert sum("lora_magnitude_vector" in k for k in saved) == 14
 
 
-@pytest.mark.parametrize("strategy", ["qlora_fsdp", "qlora_ddp"])
-def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, strategy):
+@pytest.mark.parametrize(("strategy", "optimizer"),
+                         [("qlora_fsdp", "adamw"), ("qlora_ddp", "adamw"), ("qlora_fsdp", "adamw8bit")])
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, strategy, optimizer):
     # AdamW: its moments must come back too. The checkpoint after epoch 0 (step 4) is adapter-only, one file.
-    common = ["--devices", 2, "--batch", 4, "--optimizer", "adamw", "--strategy", strategy]
+    # AdamW8bit (lightning_qlora.optim_8bit) steps each rank's shard with bitsandbytes' 8-bit kernel, saves its
+    # moments gathered in torch AdamW's format and re-quantizes them on load: bit for bit the same 8-bit state.
+    common = ["--devices", 2, "--batch", 4, "--optimizer", optimizer, "--strategy", strategy]
     _run(tmp_path / "full", *common)
     ckpt = tmp_path / "full" / "checkpoints" / "epoch=0-step=4.ckpt"
     checkpoint = torch.load(ckpt, weights_only=False)
     assert all(".lora_" in k for k in checkpoint["state_dict"]) and len(checkpoint["state_dict"]) == 28
-    assert len(checkpoint["optimizer_states"][0]["state"]) == 28
+    states = checkpoint["optimizer_states"][0]["state"]
+    assert len(states) == 28
+    whole = {tuple(v.shape) for v in checkpoint["state_dict"].values()}
+    assert all({"exp_avg", "exp_avg_sq", "step"} <= set(s) and tuple(s["exp_avg"].shape) in whole
+               for s in states.values())  # whole (gathered) moments, fp32, as torch AdamW saves them
     _run(tmp_path / "resumed", *common, "--resume", ckpt)
     full = torch.load(tmp_path / "full" / "adapters_rank0.pt")
     resumed = torch.load(tmp_path / "resumed" / "adapters_rank1.pt")

@@ -12,7 +12,10 @@ from typing_extensions import override
 
 from lightning_qlora.data.tokenize import IGNORE_INDEX, prompt_text
 from lightning_qlora.models.pretrained import load_causal_lm
+from lightning_qlora.optim_8bit import AdamW8bit
 from lightning_qlora.optim_in_backward import OptimizerInBackward
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adamw8bit": AdamW8bit}
 
 
 class CausalLMFineTune(LightningModule):
@@ -25,6 +28,8 @@ class CausalLMFineTune(LightningModule):
         name_or_path: a directory or name ``AutoModelForCausalLM.from_pretrained`` can load offline.
         lr: peak learning rate of AdamW (adapters only).
         weight_decay: AdamW weight decay.
+        optimizer: ``"adamw"`` (torch, fp32 moments) or ``"adamw8bit"`` (:class:`~lightning_qlora.AdamW8bit`:
+            bitsandbytes' 8-bit moments, a quarter of the optimizer memory, also under ``qlora_fsdp``).
         warmup_steps: linear warm-up steps, then cosine decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``.
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         gradient_checkpointing: recompute activations in backward (less memory, about 30% slower).
@@ -45,8 +50,11 @@ class CausalLMFineTune(LightningModule):
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
         optimizer_in_backward: bool = False,
+        optimizer: str = "adamw",
     ) -> None:
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}.")
         self.save_hyperparameters()
         self.model: Any = None
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
@@ -101,10 +109,11 @@ class CausalLMFineTune(LightningModule):
                 "(lora=None only quantizes)."
             )
         settings = dict(lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer_class = OPTIMIZERS[self.hparams.get("optimizer", "adamw")]
         if self.hparams.optimizer_in_backward:  # the adapters' gradients are never all alive at once
-            optimizer: torch.optim.Optimizer = OptimizerInBackward(params, torch.optim.AdamW, **settings)
+            optimizer: torch.optim.Optimizer = OptimizerInBackward(params, optimizer_class, **settings)
         else:
-            optimizer = torch.optim.AdamW(params, **settings)
+            optimizer = optimizer_class(params, **settings)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
 
