@@ -62,7 +62,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--ckpt", type=int, default=1)
-    ap.add_argument("--optim", default="adamw", choices=["adamw", "paged_adamw_8bit"])
+    ap.add_argument("--optim", default="adamw", choices=["adamw", "paged_adamw_8bit", "adamw8bit"],
+                    help="adamw8bit: lightning_qlora.AdamW8bit (8-bit states in device memory, counted in the peak; "
+                         "the paged states of paged_adamw_8bit live in CUDA managed memory, outside it)")
     ap.add_argument("--optim-in-backward", type=int, default=0,
                     help="step each adapter tensor inside backward and free its gradient (OptimizerInBackward)")
     ap.add_argument("--dequantize-fp32", type=int, default=0,
@@ -105,6 +107,10 @@ def main() -> None:
         import bitsandbytes as bnb
 
         optimizer_class, settings = bnb.optim.PagedAdamW8bit, dict(lr=1e-4)
+    elif a.optim == "adamw8bit":
+        from lightning_qlora import AdamW8bit
+
+        optimizer_class, settings = AdamW8bit, dict(lr=1e-4, weight_decay=0.0)
     else:
         optimizer_class, settings = torch.optim.AdamW, dict(lr=1e-4, fused=cuda)
     if a.optim_in_backward:
@@ -145,6 +151,9 @@ def main() -> None:
         loss = step()
     sync()
     dt = (time.time() - t) / a.steps
+    # What the device itself has in use (allocator segments, CUDA context, resident managed pages such as a paged
+    # optimizer's states, which the allocator's peak does not count), after the timed steps.
+    device_used = (lambda free_total: free_total[1] - free_total[0])(torch.cuda.mem_get_info()) if cuda else None
     from torch._dynamo.utils import counters  # what compile did: graphs, recompiles, CUDA-graph skips
 
     compiled = dict(graphs=counters["stats"].get("unique_graphs", 0),
@@ -154,7 +163,8 @@ def main() -> None:
         seq=a.seq, bs=a.bs, rank=a.rank, ckpt=a.ckpt, optim=a.optim, optim_in_backward=a.optim_in_backward, dequantize_fp32=a.dequantize_fp32, fused=a.fused, compile=a.compile,
         compile_mode=a.compile_mode, recompute_dequantize=a.recompute_dequantize, compiled=compiled, trainable=trainable, setup_s=round(setup_s, 1),
         static_gib=round(static / 2**30, 2), peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None, step_s=round(dt, 4),
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+        device_used_gib=round(device_used / 2**30, 2) if cuda else None, step_s=round(dt, 4),
         tok_s=round(a.bs * a.seq / dt), loss=float(loss))), flush=True)
 
 

@@ -88,6 +88,10 @@ RUNS: list[tuple[str, str, str, list[str]]] = [
      [OURS, *B65, "--compile", "1", "--optim-in-backward", "1"]),
     ("65b-ours-paged-inbwd-compile", "65b", "lightning_qlora nf4-dq, compiled, paged 8-bit AdamW stepped in backward",
      [OURS, *B65, *PAGED, "--optim-in-backward", "1", "--compile", "1"]),
+    ("65b-ours-adamw8bit-inbwd-cudagraphs", "65b",
+     "lightning_qlora nf4-dq, compiled with CUDA graphs, AdamW8bit (device memory) stepped in backward",
+     [OURS, *B65, "--optim", "adamw8bit", "--optim-in-backward", "1", "--compile", "1", "--compile-mode",
+      "reduce-overhead"]),
     ("65b-ours-paged-inbwd-cudagraphs", "65b",
      "lightning_qlora nf4-dq, compiled with CUDA graphs, paged 8-bit AdamW stepped in backward",
      [OURS, *B65, *PAGED, "--optim-in-backward", "1", "--compile", "1", "--compile-mode", "reduce-overhead"]),
@@ -146,7 +150,8 @@ CANDIDATES = {
            "7b-ckpt-ours-compile-cudagraphs-inbwd"],
     "P2": ["7b-nockpt-ours", "7b-nockpt-ours-compile", "7b-nockpt-ours-inbwd", "7b-nockpt-ours-compile-cudagraphs"],
     "P3": ["65b-ours", "65b-ours-inbwd", "65b-ours-paged", "65b-ours-paged-inbwd", "65b-ours-compile",
-           "65b-ours-compile-inbwd", "65b-ours-paged-inbwd-compile", "65b-ours-paged-inbwd-cudagraphs"],
+           "65b-ours-compile-inbwd", "65b-ours-paged-inbwd-compile", "65b-ours-paged-inbwd-cudagraphs",
+           "65b-ours-adamw8bit-inbwd-cudagraphs"],
 }
 # P4 compares like with like: (QLoRA run, our bf16 LoRA run with the same settings).
 P4_PAIRS = [("7b-ckpt-ours", "7b-ckpt-ours-bf16"), ("7b-nockpt-ours", "7b-nockpt-ours-bf16"),
