@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_qlora._bnb import import_bitsandbytes
 
@@ -129,16 +129,67 @@ class AdamW8bit(torch.optim.Optimizer):
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load AdamW8bit's or torch AdamW's state; fp32 moments of large tensors are re-quantized to 8 bits."""
-        super().load_state_dict(state_dict)
-        for param, state in list(self.state.items()):
-            if "exp_avg" in state and self._is_8bit(param):
-                self.state[param] = self._quantized(param, state)
-            elif "exp_avg" in state:
-                state["exp_avg"] = _local(state["exp_avg"]).float().clone()
-                state["exp_avg_sq"] = _local(state["exp_avg_sq"]).float().clone()
-            if "step" in state:
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu()
+        """Load AdamW8bit's or torch AdamW's state, one parameter at a time (the fp32 moments of one tensor are on the
+        device at once, then re-quantized to 8 bits for large tensors)."""
+        saved_states = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})  # hyperparameters and the checks on the groups
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in saved_states.items():
+            param = params[int(index)]
+            self.state[param] = self._from_portable(param, saved)
+
+    def gathered_state_dict(self, module: nn.Module) -> dict[str, Any]:
+        """The whole state keyed by parameter name (``module.named_parameters()``), each moment gathered and moved to
+        the CPU one tensor at a time: the full-state format of FSDP checkpoints, without dequantizing every moment
+        on the device at once. With sharded parameters every rank must call it (the moments are all-gathered)."""
+        from lightning_qlora.sharding import full_tensor
+
+        names = {id(p): name for name, p in module.named_parameters()}
+        states: dict[str, Any] = {}
+        groups = []
+        for group in self.param_groups:
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": [names[id(p)] for p in group["params"]]})
+            for param in group["params"]:
+                if self.state.get(param):
+                    portable = self._portable(param, self.state[param])
+                    states[names[id(param)]] = {
+                        key: full_tensor(value).cpu() if key != "step" else value for key, value in portable.items()
+                    }
+        return {"state": states, "param_groups": groups}
+
+    def load_gathered_state_dict(self, module: nn.Module, state_dict: dict[str, Any]) -> None:
+        """Load a whole state keyed by parameter name (:meth:`gathered_state_dict`, or any full optimizer state of an
+        AdamW), taking each rank's shard of one tensor at a time."""
+        params = dict(module.named_parameters())
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError(
+                f"The saved optimizer state has {len(state_dict['param_groups'])} parameter group(s), this optimizer "
+                f"{len(self.param_groups)}: was it saved for the same model and configure_optimizers()?"
+            )
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        unknown = sorted(set(state_dict["state"]) - set(params))
+        if unknown:
+            raise KeyError(f"The saved optimizer state names parameters this model lacks: {unknown[:5]}.")
+        for name, saved in state_dict["state"].items():
+            param = params[name]
+            shards = {key: _shard_like(param, saved[key]) for key in ("exp_avg", "exp_avg_sq")}
+            self.state[param] = self._from_portable(param, {"step": saved["step"], **shards})
+
+    def _from_portable(self, param: Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        """This optimizer's state of ``param`` from torch AdamW's entries (whole, local or ``DTensor``)."""
+        local = _local(param)
+        state: dict[str, Any] = {"step": torch.as_tensor(saved["step"], dtype=torch.float32).cpu().clone()}
+        exp_avg = _local(saved["exp_avg"]).to(local.device, torch.float32)
+        exp_avg_sq = _local(saved["exp_avg_sq"]).to(local.device, torch.float32)
+        if self._is_8bit(param):
+            signed, unsigned = self._quantization_maps(local.device)
+            state["state1"], state["absmax1"] = _quantize(exp_avg, signed)
+            state["state2"], state["absmax2"] = _quantize(exp_avg_sq, unsigned)
+        else:
+            state["exp_avg"], state["exp_avg_sq"] = exp_avg.clone(), exp_avg_sq.clone()
+        return state
 
     def _portable(self, param: Tensor, state: dict[str, Any]) -> dict[str, Any]:
         if "state1" not in state:
@@ -153,19 +204,22 @@ class AdamW8bit(torch.optim.Optimizer):
             "exp_avg_sq": _like_param(param, _dequantize(state["state2"], state["absmax2"], unsigned)),
         }
 
-    def _quantized(self, param: Tensor, state: dict[str, Any]) -> dict[str, Any]:
-        local = _local(param)
-        signed, unsigned = self._quantization_maps(local.device)
-        state1, absmax1 = _quantize(_local(state["exp_avg"]).to(local.device), signed)
-        state2, absmax2 = _quantize(_local(state["exp_avg_sq"]).to(local.device), unsigned)
-        return {"step": state["step"], "state1": state1, "state2": state2, "absmax1": absmax1, "absmax2": absmax2}
-
 
 def _local(tensor: Tensor) -> Tensor:
     """This rank's shard of a ``DTensor`` (sharing its storage), or the tensor itself."""
     from torch.distributed.tensor import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_like(param: Tensor, whole: Tensor) -> Tensor:
+    """This rank's part of ``whole`` for ``param`` (every rank holds ``whole``: no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        whole = whole.to(param.device_mesh.device_type, torch.float32)
+        return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local()
+    return whole
 
 
 def _like_param(param: Tensor, local: Tensor) -> Tensor:

@@ -338,6 +338,21 @@ class QLoRAFSDPStrategy(_QLoRAStrategyMixin, ModelParallelStrategy):
         return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
 
     @override
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's optimizer
+        if not hasattr(inner, "gathered_state_dict"):
+            return super().optimizer_state(optimizer)
+        # AdamW8bit: gathered one moment at a time (DCP's full-state path would dequantize every moment on the device
+        # at once); the same on-disk format as Lightning's (parameter ids), written by rank zero.
+        from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType
+
+        assert self.model is not None
+        state = inner.gathered_state_dict(self.model)  # a collective: every rank
+        if self.global_rank != 0:
+            return {}
+        return FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+
+    @override
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
         from lightning.fabric.strategies.model_parallel import _rekey_optimizer_state_if_needed
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -349,6 +364,10 @@ class QLoRAFSDPStrategy(_QLoRAStrategyMixin, ModelParallelStrategy):
                     group.update({k: v for k, v in saved.items() if k != "params"})
                 continue
             state = _rekey_optimizer_state_if_needed(state, self.model)
+            inner = getattr(optimizer, "_optimizer", optimizer)
+            if hasattr(inner, "load_gathered_state_dict"):  # AdamW8bit: each rank's shard, one tensor at a time
+                inner.load_gathered_state_dict(self.model, state)
+                continue
             set_optimizer_state_dict(
                 self.model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
             )

@@ -103,3 +103,26 @@ def test_requantizing_dequantized_moments_gives_the_same_codes_and_absmax():
 def test_refuses_invalid_settings():
     with pytest.raises(ValueError, match=r"lr=-1.*betas=\(1.0, 0.9\)"):
         AdamW8bit(_params(), lr=-1, betas=(1.0, 0.9))
+
+
+def test_gathered_state_dict_is_keyed_by_name_and_loads_back_bit_exactly():
+    # What qlora_fsdp checkpoints through (one moment at a time, whole tensors on the CPU); plain tensors here.
+    module = torch.nn.ParameterDict({f"p{i}": p for i, p in enumerate(_params())})
+    params = list(module.values())
+    grads = _grads(5)
+    optimizer = AdamW8bit(params, lr=1e-2, weight_decay=0.1)
+    _train(params, optimizer, grads[:3])
+    gathered = copy.deepcopy(optimizer.gathered_state_dict(module))
+    assert sorted(gathered["state"]) == ["p0", "p1", "p2"] and gathered["param_groups"][0]["params"] == ["p0", "p1", "p2"]
+    assert gathered["state"]["p0"]["exp_avg"].device.type == "cpu"
+    torch.testing.assert_close(gathered["state"]["p0"]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference_optimizer = AdamW8bit(reference, lr=1e-2, weight_decay=0.1)
+    reference_optimizer.load_state_dict(optimizer.state_dict())
+    again = AdamW8bit(params, lr=1e-2, weight_decay=0.1)
+    again.load_gathered_state_dict(module, gathered)
+    _train(params, again, grads[3:])
+    _train(reference, reference_optimizer, grads[3:])
+    assert all(torch.equal(a, b) for a, b in zip(params, reference))
+    with pytest.raises(KeyError, match="lacks.*'q0'"):
+        again.load_gathered_state_dict(module, {**gathered, "state": {"q0": gathered["state"]["p0"]}})
