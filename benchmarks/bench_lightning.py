@@ -93,10 +93,21 @@ class RandomLlama(LightningModule):
 class Measure(Callback):
     """Step times (after CUDA work finished) and peak memory: conversion, training steps, the whole run."""
 
-    def __init__(self, save_epoch: int | None, out: Path) -> None:
+    def __init__(self, save_epoch: int | None, out: Path, profile_step: int | None = None) -> None:
         self.times: list[float] = []
-        self.save_epoch, self.out = save_epoch, out
+        self.save_epoch, self.out, self.profile_step = save_epoch, out, profile_step
         self.peak: dict[str, float] = {}
+        self.profiler = None
+        self.profile: dict[str, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.profile_step is not None and trainer.global_step == self.profile_step:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+            self.profile_started = time.perf_counter()
 
     def _record(self, name: str) -> None:
         if not torch.cuda.is_available():
@@ -115,6 +126,19 @@ class Measure(Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
+        if self.profiler is not None:  # one profiled step: where its time goes, per rank
+            self.profiler.__exit__(None, None, None)
+            wall = time.perf_counter() - self.profile_started
+            events = self.profiler.key_averages()
+            kernels = sum(e.self_device_time_total for e in self.profiler.events()
+                          if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+            nccl = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower()) / 1e6
+            self.profile = {"profiled_step_s": round(wall, 4), "gpu_kernel_s": round(kernels, 4),
+                            "nccl_kernel_s": round(nccl, 4), "gpu_busy": round(kernels / wall, 3) if wall else None}
+            table = events.table(sort_by="self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
+                                 row_limit=30, max_name_column_width=70)
+            (self.out / f"profile_rank{trainer.global_rank}.txt").write_text(json.dumps(self.profile) + "\n" + table)
+            self.profiler = None
         if not self.saved:  # the training steps alone, before any checkpoint was written
             self._record("steps")
 
@@ -136,6 +160,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--compile", default="", help="QLoRAPlugin(compile=...): a torch.compile mode, e.g. reduce-overhead")
     ap.add_argument("--steps", type=int, default=13, help="optimizer steps per epoch on each rank (batch 1)")
+    ap.add_argument("--profile-step", type=int, default=None,
+                    help="profile this step (torch.profiler; DIR/profile_rank<R>.txt) and time only the steps before it")
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--save-epoch", type=int, default=None, help="write DIR/epoch<E>.ckpt at the end of epoch E")
@@ -146,7 +172,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(0, verbose=False)  # every rank builds the same random base
-    measure = Measure(a.save_epoch, out)
+    measure = Measure(a.save_epoch, out, a.profile_step)
     module = RandomLlama(a.shape, bool(a.ckpt), a.lr, a.optimizer)
     trainer = Trainer(
         accelerator=a.accelerator,
@@ -171,8 +197,10 @@ def main() -> None:
              "seq": a.seq, "rank": a.rank, "ckpt": a.ckpt, "optimizer": a.optimizer, "epochs": a.epochs,
              "compile": a.compile or None,
              "global_step": trainer.global_step, "fit_s": round(fit_s, 1), "losses": module.losses,
-             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, **measure.peak}
-    times = measure.times[: a.steps]  # the first epoch: later ones include checkpoint writes
+             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, **measure.peak,
+             **measure.profile}
+    # The first epoch (later ones include checkpoint writes), and only the steps before a profiled one.
+    times = measure.times[: min(a.steps, a.profile_step if a.profile_step is not None else a.steps)]
     if len(times) > a.warmup + 1:
         step_s = (times[-1] - times[a.warmup]) / (len(times) - 1 - a.warmup)
         facts.update(step_s=round(step_s, 4), tok_s=round(trainer.world_size * a.seq / step_s),

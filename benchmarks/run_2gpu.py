@@ -8,6 +8,8 @@ Lightning launches the second rank), run one after another on the same 2-GPU mac
 - ``7b-1gpu``: ``strategy="qlora"`` on GPU 0 alone, the baseline (7B shape, seq 2048, r 16, all linear layers,
   activation checkpointing, batch 1, fused AdamW);
 - ``7b-ddp-2gpu``: the same with ``strategy="qlora_ddp", devices=2`` (batch 1 per GPU);
+- ``7b-1gpu-compiled``, ``7b-ddp-2gpu-compiled``: both with ``QLoRAPlugin(compile="reduce-overhead")``;
+- ``7b-ddp-2gpu-profiled``: one DDP step profiled on each rank (``profile_rank<R>.txt``), after 13 timed ones;
 - ``65b-fsdp-2gpu``: ``strategy="qlora_fsdp", devices=2``, 65B shape, seq 512, r 64, checkpointing, AdamW8bit,
   2 epochs, an adapter-only checkpoint after epoch 0 and the PEFT adapter at the end;
 - ``65b-fsdp-2gpu-resumed``: the same, resumed from that checkpoint;
@@ -39,6 +41,12 @@ B65 = ["--shape", "65b", "--seq", "512", "--rank", "64", "--ckpt", "1", "--steps
 RUNS: list[tuple[str, str, list[str]]] = [
     ("7b-1gpu", "0", ["--strategy", "qlora", "--devices", "1", *B7]),
     ("7b-ddp-2gpu", "0,1", ["--strategy", "qlora_ddp", "--devices", "2", *B7]),
+    # The compiled + CUDA-graph path (P1's settings but AdamW stepped normally: DDP reduces after backward), GPU-bound.
+    ("7b-1gpu-compiled", "0", ["--strategy", "qlora", "--devices", "1", *B7, "--compile", "reduce-overhead"]),
+    ("7b-ddp-2gpu-compiled", "0,1", ["--strategy", "qlora_ddp", "--devices", "2", *B7, "--compile", "reduce-overhead"]),
+    # Where a DDP step's time goes on each rank (one profiled step after the timed ones; not part of the verdicts).
+    ("7b-ddp-2gpu-profiled", "0,1", ["--strategy", "qlora_ddp", "--devices", "2", *B7, "--profile-step", "13",
+                                     "--steps", "14"]),
     ("65b-fsdp-2gpu", "0,1", ["--strategy", "qlora_fsdp", "--devices", "2", *B65, "--optimizer", "adamw8bit",
                               "--epochs", "2", "--save-epoch", "0"]),
     ("65b-fsdp-2gpu-resumed", "0,1", ["--strategy", "qlora_fsdp", "--devices", "2", *B65, "--optimizer", "adamw8bit",
@@ -118,19 +126,24 @@ def verdicts(runs: dict, work: Path) -> dict:
         return ranks[r] if len(ranks) > r else {}
 
     out: dict = {}
-    one, ddp = rank("7b-1gpu"), rank("7b-ddp-2gpu")
-    if one.get("tok_s") and ddp.get("tok_s"):
+    for suffix in ("", "-compiled"):  # eager defaults, and compiled with CUDA graphs: the same settings on 1 and 2 GPUs
+        one, ddp = rank("7b-1gpu" + suffix), rank("7b-ddp-2gpu" + suffix)
+        if not (one.get("tok_s") and ddp.get("tok_s")):
+            continue
         speedup = round(ddp["tok_s"] / one["tok_s"], 3)
-        diffs = [r.get("max_diff_vs_rank0") for r in runs["7b-ddp-2gpu"]["ranks"]]
-        checksums = {r.get("adapter_checksum") for r in runs["7b-ddp-2gpu"]["ranks"]}
-        out["ddp_7b"] = {"target": "tokens/s >= 1.8x one GPU's; adapters identical across ranks",
-                         "one_gpu_tok_s": one["tok_s"], "two_gpu_tok_s": ddp["tok_s"], "speedup": speedup,
-                         "max_diff_vs_rank0": diffs, "same_checksum": len(checksums) == 1,
-                         "met": speedup >= 1.8 and len(diffs) == 2 and all(d == 0.0 for d in diffs)}
+        diffs = [r.get("max_diff_vs_rank0") for r in runs["7b-ddp-2gpu" + suffix]["ranks"]]
+        checksums = {r.get("adapter_checksum") for r in runs["7b-ddp-2gpu" + suffix]["ranks"]}
+        out["ddp_7b" + suffix.replace("-", "_")] = {
+            "target": "tokens/s >= 1.8x one GPU's; adapters identical across ranks",
+            "one_gpu_tok_s": one["tok_s"], "two_gpu_tok_s": ddp["tok_s"], "speedup": speedup,
+            "max_diff_vs_rank0": diffs, "same_checksum": len(checksums) == 1,
+            "met": speedup >= 1.8 and len(diffs) == 2 and all(d == 0.0 for d in diffs)}
     fsdp = runs.get("65b-fsdp-2gpu", {}).get("ranks") or []
     if fsdp:
         keys = ("setup_alloc_gib", "steps_alloc_gib", "run_alloc_gib")
-        peaks = [max(r.get(k) or 0 for k in keys) for r in fsdp]
+        # Every phase of both runs, the resume's set-up (loading the checkpoint) included: a user resumes too.
+        both = fsdp + (runs.get("65b-fsdp-2gpu-resumed", {}).get("ranks") or [])
+        peaks = [max(r.get(k) or 0 for k in keys) for r in both]
         resumed = rank("65b-fsdp-2gpu-resumed")
         losses = rank("65b-fsdp-2gpu").get("losses") or []
         steps_per_epoch = len(losses) // 2
@@ -140,8 +153,9 @@ def verdicts(runs: dict, work: Path) -> dict:
         trains = len(losses) >= 2 and losses[-1] < losses[0]
         out["fsdp_65b"] = {
             "target": "peak allocated <= 24 GiB per GPU without CPU offload; trains, saves a PEFT adapter, resumes",
-            "peak_alloc_gib_per_rank": peaks,
+            "peak_alloc_gib_per_rank_and_run": peaks,
             "peaks_by_phase_rank0": {k: fsdp[0].get(k) for k in (*keys, "static_alloc_gib", "run_reserved_gib")},
+            "resumed_peaks_by_phase_rank0": {k: resumed.get(k) for k in keys},
             "losses": losses, "resumed_losses": resumed.get("losses"),
             "epoch1_losses_uninterrupted": losses[steps_per_epoch:],
             "resumed_vs_uninterrupted_max_adapter_diff": diff, "adapter": adapter,
