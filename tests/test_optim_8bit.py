@@ -126,3 +126,18 @@ def test_gathered_state_dict_is_keyed_by_name_and_loads_back_bit_exactly():
     assert all(torch.equal(a, b) for a, b in zip(params, reference))
     with pytest.raises(KeyError, match="lacks.*'q0'"):
         again.load_gathered_state_dict(module, {**gathered, "state": {"q0": gathered["state"]["p0"]}})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_updates_equal_bitsandbytes_and_resume_is_exact():
+    ours = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
+    theirs = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
+    grads = [[g.cuda() for g in step] for step in _grads(4)]
+    optimizer = AdamW8bit(ours, lr=1e-2, weight_decay=0.1)
+    _train(ours, optimizer, grads[:2])
+    _train(theirs, bnb.optim.AdamW8bit(theirs, lr=1e-2, weight_decay=0.1), grads)
+    again = AdamW8bit(ours, lr=1e-2, weight_decay=0.1)
+    again.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # resume half way: re-quantized exactly
+    _train(ours, again, grads[2:])
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
