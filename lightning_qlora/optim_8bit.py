@@ -8,8 +8,11 @@ state per value instead of AdamW's eight (65B at r 64: 0.8 B adapter values, 1.5
 
 Its ``state_dict`` is torch AdamW's (``step``, ``exp_avg``, ``exp_avg_sq`` in fp32, laid out like the parameter,
 so ``DTensor`` for a sharded one): FSDP's full-state checkpoint utilities gather it like any optimizer's, and a
-checkpoint loads into either optimizer. Loading re-quantizes the states, so a resumed run continues from the
-saved moments up to 8-bit rounding (measured in ``tests/test_optim_8bit.py``).
+checkpoint loads into either optimizer. Loading re-quantizes the moments to exactly the 8-bit codes and scales they
+came from, so a resumed run is bit-identical to an uninterrupted one (``tests/test_optim_8bit.py``,
+``tests/test_fsdp.py``). ``qlora_fsdp`` checkpoints go through :meth:`AdamW8bit.gathered_state_dict` and
+:meth:`AdamW8bit.load_gathered_state_dict`, one moment at a time (the generic full-state path would hold every rank's
+fp32 moments on the device at once).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_qlora._bnb import import_bitsandbytes
+from lightning_qlora.sharding import distribute_like, from_local_like, full_tensor
+from lightning_qlora.sharding import local_tensor as _local
 
 BLOCKSIZE = 256  # values per absmax in bitsandbytes' blockwise optimizer kernels
 
@@ -142,8 +147,6 @@ class AdamW8bit(torch.optim.Optimizer):
         """The whole state keyed by parameter name (``module.named_parameters()``), each moment gathered and moved to
         the CPU one tensor at a time: the full-state format of FSDP checkpoints, without dequantizing every moment
         on the device at once. With sharded parameters every rank must call it (the moments are all-gathered)."""
-        from lightning_qlora.sharding import full_tensor
-
         names = {id(p): name for name, p in module.named_parameters()}
         states: dict[str, Any] = {}
         groups = []
@@ -174,7 +177,8 @@ class AdamW8bit(torch.optim.Optimizer):
             raise KeyError(f"The saved optimizer state names parameters this model lacks: {unknown[:5]}.")
         for name, saved in state_dict["state"].items():
             param = params[name]
-            shards = {key: _shard_like(param, saved[key]) for key in ("exp_avg", "exp_avg_sq")}
+            shards = {key: distribute_like(param, saved[key].to(_local(param).device, torch.float32))
+                      for key in ("exp_avg", "exp_avg_sq")}
             self.state[param] = self._from_portable(param, {"step": saved["step"], **shards})
 
     def _from_portable(self, param: Tensor, saved: dict[str, Any]) -> dict[str, Any]:
@@ -194,43 +198,15 @@ class AdamW8bit(torch.optim.Optimizer):
     def _portable(self, param: Tensor, state: dict[str, Any]) -> dict[str, Any]:
         if "state1" not in state:
             out = dict(state)
-            out["exp_avg"] = _like_param(param, state["exp_avg"])
-            out["exp_avg_sq"] = _like_param(param, state["exp_avg_sq"])
+            out["exp_avg"] = from_local_like(param, state["exp_avg"])
+            out["exp_avg_sq"] = from_local_like(param, state["exp_avg_sq"])
             return out
         signed, unsigned = self._quantization_maps(state["state1"].device)
         return {
             "step": state["step"],
-            "exp_avg": _like_param(param, _dequantize(state["state1"], state["absmax1"], signed)),
-            "exp_avg_sq": _like_param(param, _dequantize(state["state2"], state["absmax2"], unsigned)),
+            "exp_avg": from_local_like(param, _dequantize(state["state1"], state["absmax1"], signed)),
+            "exp_avg_sq": from_local_like(param, _dequantize(state["state2"], state["absmax2"], unsigned)),
         }
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """This rank's shard of a ``DTensor`` (sharing its storage), or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _shard_like(param: Tensor, whole: Tensor) -> Tensor:
-    """This rank's part of ``whole`` for ``param`` (every rank holds ``whole``: no communication)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor):
-        whole = whole.to(param.device_mesh.device_type, torch.float32)
-        return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local()
-    return whole
-
-
-def _like_param(param: Tensor, local: Tensor) -> Tensor:
-    """``local`` (this rank's values) laid out as ``param``: a ``DTensor`` with its placements for a sharded one."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(param, DTensor):
-        return DTensor.from_local(
-            local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
-        )
-    return local
 
 
 def _dequantize(codes: Tensor, absmax: Tensor, code_map: Tensor) -> Tensor:

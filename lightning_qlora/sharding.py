@@ -130,13 +130,33 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (a plain tensor sharing its storage), or ``tensor`` itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def distribute_like(target: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out like ``target``: for a sharded ``target`` a DTensor with its mesh and placements, each rank
+    keeping its own shard (every rank passes the same ``whole``: no communication); else ``whole`` itself."""
+    if not is_sharded(target):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None)
+
+
+def from_local_like(target: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """This rank's values ``local`` laid out like ``target``: a DTensor with its placements for a sharded one."""
+    if not is_sharded(target):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, target.device_mesh, target.placements, run_check=False, shape=target.shape, stride=target.stride()
+    )
+
+
 def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a whole tensor into ``target``, which may be sharded (then every rank passes the same whole ``value``)."""
     with torch.no_grad():
-        value = value.to(device=target.device, dtype=target.dtype)
-        if is_sharded(target):
-            from torch.distributed.tensor import distribute_tensor
-
-            # Every rank holds the whole value, so each takes its own shard (no communication).
-            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
-        target.copy_(value)
+        target.copy_(distribute_like(target, value.to(device=target.device, dtype=target.dtype)))
