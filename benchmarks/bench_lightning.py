@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_qlora import SHAPES  # noqa: E402
 
 from lightning_qlora import AdamW8bit, AdapterCheckpoint, LoRAConfig, QLoRAPlugin, QuantConfig  # noqa: E402
-from lightning_qlora.strategy import trainable_state_dict  # noqa: E402
+from lightning_qlora.lora import trainable_state_dict  # noqa: E402
 
 VOCAB = 32000
 GIB = 2**30

@@ -87,7 +87,7 @@ def main() -> None:
     LoRALinear.fused = None if a.fused < 0 else bool(a.fused)
     model = build(a.shape, a.quant, a.rank, device)
     if a.dequantize_fp32:
-        from lightning_qlora.quantize import is_quantized_linear, quant_state_of
+        from lightning_qlora.quant import is_quantized_linear, quant_state_of
 
         for layer in model.modules():
             if is_quantized_linear(layer):
@@ -114,7 +114,7 @@ def main() -> None:
     else:
         optimizer_class, settings = torch.optim.AdamW, dict(lr=1e-4, fused=cuda)
     if a.optim_in_backward:
-        from lightning_qlora.optim_in_backward import OptimizerInBackward
+        from lightning_qlora.optim.in_backward import OptimizerInBackward
 
         opt = OptimizerInBackward(params, optimizer_class, **settings)  # steps happen inside loss.backward()
     else:

@@ -11,8 +11,8 @@ import argparse
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_qlora import AdapterCheckpoint, LoRAConfig, PeakMemoryMonitor, QLoRAPlugin, QuantConfig
-from lightning_qlora.data import InstructionDataModule
-from lightning_qlora.models import CausalLMFineTune, resolve_pretrained
+from lightning_qlora.app.data import InstructionDataModule
+from lightning_qlora.app.models import CausalLMFineTune, resolve_pretrained
 
 
 def main() -> None:

@@ -3,45 +3,105 @@
 >>> from lightning.pytorch import Trainer
 >>> from lightning_qlora import QLoRAPlugin
 >>> trainer = Trainer(plugins=[QLoRAPlugin()])  # doctest: +SKIP
+
+The public names below are loaded on first use (PEP 562): ``lightning_qlora.quant``, ``.lora``, ``.calibration``,
+``.convert`` and ``.optim`` are plain torch and import without Lightning; the Lightning names (``QLoRAPlugin``, the
+strategies, the callbacks) need it, and the app and tools need the ``[app]`` extra.
 """
 
-from lightning_qlora.adapters import load_adapter, save_adapter
-from lightning_qlora.calibration import CalibrationError, calibrated_weights
-from lightning_qlora.callbacks import AdapterCheckpoint, PeakMemoryMonitor
-from lightning_qlora.config import ConfigError, LoRAConfig, QuantConfig
-from lightning_qlora.lora import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
-from lightning_qlora.lora_init import ErrorCorrectingInit
-from lightning_qlora.optim_8bit import AdamW8bit
-from lightning_qlora.optim_in_backward import OptimizerInBackward
-from lightning_qlora.precision import QLoRAPlugin
-from lightning_qlora.quantize import QuantizationReport, quantize_model
-from lightning_qlora.sharding import QuantStorageMismatchError
-from lightning_qlora.strategy import QLoRADDPStrategy, QLoRAFSDPStrategy, QLoRAStrategy
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdamW8bit",
-    "AdapterCheckpoint",
-    "CalibrationError",
-    "ConfigError",
-    "ErrorCorrectingInit",
-    "LoRAConfig",
-    "LoRALinear",
-    "OptimizerInBackward",
-    "PeakMemoryMonitor",
-    "QLoRAPlugin",
-    "QLoRADDPStrategy",
-    "QLoRAFSDPStrategy",
-    "QLoRAStrategy",
-    "QuantConfig",
-    "QuantStorageMismatchError",
-    "QuantizationReport",
-    "calibrated_weights",
-    "inject_lora",
-    "load_adapter",
-    "lora_state_dict",
-    "mark_only_lora_as_trainable",
-    "quantize_model",
-    "save_adapter",
-]
+# Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "AdamW8bit": "lightning_qlora.optim.adamw8bit",
+    "AdapterCheckpoint": "lightning_qlora.lightning.callbacks",
+    "CalibrationError": "lightning_qlora.calibration",
+    "CalibrationResult": "lightning_qlora.calibration",
+    "ConfigError": "lightning_qlora.config",
+    "ConversionSummary": "lightning_qlora.convert",
+    "ErrorCorrectingInit": "lightning_qlora.calibration",
+    "LoRAConfig": "lightning_qlora.config",
+    "LoRALinear": "lightning_qlora.lora",
+    "OptimizerInBackward": "lightning_qlora.optim.in_backward",
+    "PeakMemoryMonitor": "lightning_qlora.lightning.callbacks",
+    "QLoRADDPStrategy": "lightning_qlora.lightning.strategies",
+    "QLoRAError": "lightning_qlora.errors",
+    "QLoRAFSDPStrategy": "lightning_qlora.lightning.strategies",
+    "QLoRAPlugin": "lightning_qlora.lightning.plugin",
+    "QLoRAStrategy": "lightning_qlora.lightning.strategies",
+    "QuantConfig": "lightning_qlora.config",
+    "QuantStorageMismatchError": "lightning_qlora.sharding",
+    "QuantizationReport": "lightning_qlora.quant",
+    "calibrate": "lightning_qlora.calibration",
+    "calibrated_weights": "lightning_qlora.calibration",
+    "convert_model": "lightning_qlora.convert",
+    "inject_lora": "lightning_qlora.lora",
+    "iter_converted_blocks": "lightning_qlora.convert",
+    "load_adapter": "lightning_qlora.lora",
+    "lora_state_dict": "lightning_qlora.lora",
+    "mark_only_lora_as_trainable": "lightning_qlora.lora",
+    "merge_lora": "lightning_qlora.lora",
+    "quantize_model": "lightning_qlora.quant",
+    "save_adapter": "lightning_qlora.lora",
+    "unmerge_lora": "lightning_qlora.lora",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_qlora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _register_strategies() -> None:
+    """Make ``Trainer(strategy="qlora" | "qlora_ddp" | "qlora_fsdp")`` work as soon as the package is imported.
+
+    Lightning's registry is filled when the strategy classes are defined, so this imports them, but only where
+    Lightning is installed: the plain-torch core stays usable without it.
+    """
+    try:
+        importlib.import_module("lightning_qlora.lightning.strategies")
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] not in ("lightning", "pytorch_lightning"):
+            raise
+
+
+_register_strategies()
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from lightning_qlora.calibration import CalibrationError, CalibrationResult, ErrorCorrectingInit, calibrate
+    from lightning_qlora.calibration import calibrated_weights
+    from lightning_qlora.config import ConfigError, LoRAConfig, QuantConfig
+    from lightning_qlora.convert import ConversionSummary, convert_model, iter_converted_blocks
+    from lightning_qlora.errors import QLoRAError
+    from lightning_qlora.lightning.callbacks import AdapterCheckpoint, PeakMemoryMonitor
+    from lightning_qlora.lightning.plugin import QLoRAPlugin
+    from lightning_qlora.lightning.strategies import QLoRADDPStrategy, QLoRAFSDPStrategy, QLoRAStrategy
+    from lightning_qlora.lora import (
+        LoRALinear,
+        inject_lora,
+        load_adapter,
+        lora_state_dict,
+        mark_only_lora_as_trainable,
+        merge_lora,
+        save_adapter,
+        unmerge_lora,
+    )
+    from lightning_qlora.optim.adamw8bit import AdamW8bit
+    from lightning_qlora.optim.in_backward import OptimizerInBackward
+    from lightning_qlora.quant import QuantizationReport, quantize_model
+    from lightning_qlora.sharding import QuantStorageMismatchError

@@ -1,4 +1,4 @@
-from lightning_qlora.cli import main
+from lightning_qlora.app.cli import main
 
 if __name__ == "__main__":
     main()

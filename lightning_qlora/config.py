@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
+from lightning_qlora.errors import QLoRAError
 
 QuantType = Literal["nf4", "fp4", "none"]
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
@@ -34,7 +35,7 @@ SUPPORTED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096
 ALL_LINEAR = "all-linear"
 
 
-class ConfigError(ValueError):
+class ConfigError(QLoRAError, ValueError):
     """Raised when a config holds one or more invalid values; the message lists every problem."""
 
     def __init__(self, owner: str, problems: Sequence[str]) -> None:
@@ -61,7 +62,7 @@ class QuantConfig:
             differs.
         calibration: how the 4-bit codes are chosen. ``"none"``: each weight rounds to its nearest level (what
             bitsandbytes and PEFT do). ``"gptq"``: GPTQ picks the codes that minimize each layer's output error on
-            ``calibration_samples`` training sequences (:mod:`lightning_qlora.calibration`); same format, same
+            ``calibration_samples`` training sequences (:mod:`lightning_qlora.calibration.gptq`); same format, same
             kernels, same memory, a closer base (held-out perplexity in the README). Needs the training data at
             set-up and the full-precision model in memory.
         calibration_samples: training sequences the calibration statistics are taken from (the first ones of the
@@ -177,7 +178,7 @@ class LoRAConfig:
         init_lora_weights: ``"default"`` (PEFT's: Kaiming-uniform ``A``, zero ``B``: training starts from the
             quantized base) or ``"cloq"``: ``B @ A`` starts as the rank-``r`` correction of the 4-bit rounding error
             that best restores each layer's outputs on ``QuantConfig.calibration_samples`` training sequences
-            (:mod:`lightning_qlora.lora_init`). Needs calibration data (``strategy="qlora"`` with a datamodule);
+            (:mod:`lightning_qlora.calibration.cloq`). Needs calibration data (``strategy="qlora"`` with a datamodule);
             with ``quant_type="none"`` there is no rounding error and it is the default init.
 
     Raises:

@@ -1,6 +1,6 @@
 """Shard a converted QLoRA model with FSDP2 (``torch.distributed.fsdp.fully_shard``), and read/write its adapters.
 
-Plain torch, nothing here knows about Lightning. FSDP all-gathers each unit's parameters as one dtype (the mixed
+Plain torch. FSDP all-gathers each unit's parameters as one dtype (the mixed
 precision ``param_dtype``) and casts every parameter stored in another dtype. A packed 4-bit weight is bytes, not
 numbers: cast from uint8 to bf16 it silently becomes garbage. So the packed weights must be *stored* in the
 parameter dtype (``QuantConfig(quant_storage=...)``, bitsandbytes' ``quant_storage``); :func:`shard_model` checks
@@ -9,46 +9,18 @@ that and refuses otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_qlora.quantize import is_quantized_linear, iter_linears
+from lightning_qlora.errors import QLoRAError
+from lightning_qlora.modules import find_blocks, iter_linears
+from lightning_qlora.quant.weight import is_quantized_linear
 
 
-class QuantStorageMismatchError(ValueError):
+class QuantStorageMismatchError(QLoRAError, ValueError):
     """Packed 4-bit weights are stored in a dtype FSDP would cast (which destroys them)."""
-
-
-def shard_units(root: nn.Module, names: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
-    """The modules FSDP shards as separate units (each all-gathered only around its own forward and backward).
-
-    Args:
-        root: the model.
-        names: class names of the units (e.g. ``["LlamaDecoderLayer"]``). ``None``: every element of the model's
-            longest ``nn.ModuleList`` that holds a linear layer, i.e. the transformer blocks.
-    """
-    if names:
-        wanted = set(names)
-        units = [(n, m) for n, m in root.named_modules() if n and type(m).__name__ in wanted]
-        if not units:
-            found = sorted({type(m).__name__ for _, m in root.named_modules()})
-            raise ValueError(
-                f"shard_modules={list(names)} matches no module of {type(root).__name__}. Module classes in this "
-                f"model: {found[:20]}."
-            )
-        return units
-    lists = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        return []
-    list_name, longest = max(lists, key=lambda item: len(item[1]))
-    return [
-        (f"{list_name}.{i}", block)
-        for i, block in enumerate(longest)
-        if any(isinstance(m, nn.Linear) for m in block.modules())
-    ]
 
 
 def check_quant_storage(model: nn.Module, param_dtype: torch.dtype) -> None:
@@ -100,7 +72,7 @@ def shard_model(
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
 ) -> list[str]:
-    """:func:`shard_unit` each unit (default: :func:`shard_units`) not sharded yet, then ``root``; returns the names
+    """:func:`shard_unit` each unit (default: the transformer blocks, :func:`~lightning_qlora.modules.find_blocks`) not sharded yet, then ``root``; returns the names
     of the units it sharded. Calling it on an already sharded model does nothing.
     """
     from torch.distributed.fsdp import FSDPModule
@@ -108,7 +80,7 @@ def shard_model(
     if isinstance(root, FSDPModule):
         return []
     check_quant_storage(root, param_dtype)
-    units = shard_units(root) if units is None else units
+    units = find_blocks(root) if units is None else units
     done = []
     for name, unit in units:
         if not isinstance(unit, FSDPModule):

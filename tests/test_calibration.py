@@ -13,10 +13,11 @@ from torch import nn
 
 from helpers import TokenDataModule, TokenIdsModule, fast_trainer, token_loader
 from lightning_qlora import QLoRAPlugin, QuantConfig
-from lightning_qlora.adapters import load_adapter, read_adapter_metadata, save_adapter
+from lightning_qlora.lora.peft_format import load_adapter, read_adapter_metadata, save_adapter
 from lightning_qlora.calibration import CalibrationError, calibrated_weights, gptq_round
 from lightning_qlora.config import ConfigError
-from lightning_qlora.quantize import dequantize_weight, iter_linears, packed_bytes, quantize_model
+from lightning_qlora.quant import dequantize_weight, packed_bytes, quantize_model
+from lightning_qlora.modules import iter_linears
 
 
 def _correlated_inputs(features: int, tokens: int = 4096, seed: int = 0) -> torch.Tensor:
@@ -169,7 +170,7 @@ def test_strategy_calibrates_on_the_first_training_rows_deterministically(tmp_pa
     save_adapter(module, tmp_path / "adapter")
     assert read_adapter_metadata(tmp_path / "adapter")["quantization"]["calibration"] == "gptq"
     plain = TokenIdsModule(tiny_llama_config)
-    with caplog.at_level(logging.WARNING, logger="lightning_qlora.adapters"):
+    with caplog.at_level(logging.WARNING, logger="lightning_qlora.lora.peft_format"):
         load_adapter(plain, tmp_path / "adapter", quant=QuantConfig(compute_dtype="fp32"))
     assert "calibration='gptq'" in caplog.text
 

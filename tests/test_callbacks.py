@@ -9,8 +9,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_qlora import AdapterCheckpoint, LoRAConfig, PeakMemoryMonitor, QLoRAPlugin, load_adapter
-from lightning_qlora.callbacks import TrainingCurves
-from lightning_qlora.callbacks.throughput import token_throughput_monitor
+from lightning_qlora.lightning.callbacks import TrainingCurves
+from lightning_qlora.lightning.callbacks.throughput import token_throughput_monitor
 
 
 def _fit(tmp_path, callbacks, max_steps=6, config=None, logger=False):

@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from lightning_qlora import LoRAConfig, QuantConfig
-from lightning_qlora.adapters import read_adapter_metadata
+from lightning_qlora.lora.peft_format import read_adapter_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def test_default_config_composes_to_the_documented_job():
     assert cfg.model.name_or_path == "smollm2-135m-instruct"
     assert cfg.data.source == "jargon"
     assert cfg.trainer.strategy == "qlora"
-    assert cfg.logger._target_ == "lightning_qlora.tracking.wandb_logger"
+    assert cfg.logger._target_ == "lightning_qlora.app.tracking.wandb_logger"
     quant, lora = instantiate(cfg.quant), instantiate(cfg.lora)
     assert isinstance(quant, QuantConfig) and (quant.quant_type, quant.double_quant, quant.blocksize) == ("nf4", True, 64)
     assert isinstance(lora, LoRAConfig) and (lora.r, lora.target_modules) == (16, "all-linear")
@@ -46,8 +46,8 @@ def test_overrides_compose():
 
 
 def test_compile_override_reaches_the_plugin_as_a_mode():
-    from lightning_qlora.cli import _compile_setting
-    from lightning_qlora.precision import QLoRAPlugin
+    from lightning_qlora.app.cli import _compile_setting
+    from lightning_qlora.lightning.plugin import QLoRAPlugin
 
     assert QLoRAPlugin(compile=_compile_setting(_compose([]).compile)).compile is False
     assert QLoRAPlugin(compile=_compile_setting(_compose(["compile=true"]).compile)).compile is True

@@ -17,7 +17,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from lightning_qlora import LoRAConfig, QuantConfig, inject_lora, mark_only_lora_as_trainable, quantize_model
 from lightning_qlora.kernels import compile_blocks
 from lightning_qlora.lora import iter_lora_layers
-from lightning_qlora.quantize import is_quantized_linear
+from lightning_qlora.quant import is_quantized_linear
 
 
 
@@ -246,7 +246,7 @@ def test_cuda_graphs_train_compiled_blocks_like_eager(tiny_llama_config, checkpo
     # been overwritten"), seen on the H200 with transformers 5.17.
     from transformers import LlamaForCausalLM
 
-    from lightning_qlora.optim_in_backward import OptimizerInBackward
+    from lightning_qlora.optim.in_backward import OptimizerInBackward
 
     def train(compiled):
         torch._dynamo.reset()

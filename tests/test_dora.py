@@ -7,7 +7,7 @@ from helpers import CausalLMModule, assert_merge_round_trip, fast_trainer, llama
 
 from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig, load_adapter, save_adapter
 from lightning_qlora.lora import iter_lora_layers
-from lightning_qlora.quantize import dequantize_weight
+from lightning_qlora.quant import dequantize_weight
 
 FP32_NONE = QuantConfig(quant_type="none", compute_dtype="fp32")
 

@@ -14,11 +14,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_qlora import AdapterCheckpoint, ConfigError, LoRAConfig, QLoRAPlugin, QuantConfig, load_adapter
-from lightning_qlora._bnb import BitsandbytesUnavailableError, import_bitsandbytes
-from lightning_qlora.callbacks import NoAdapterGradientError, NonFiniteLossError, TrainingGuard
-from lightning_qlora.checkpoint_io import AtomicCheckpointIO, CheckpointLoadError
+from lightning_qlora._imports import BitsandbytesUnavailableError, import_bitsandbytes
+from lightning_qlora.lightning.callbacks import NoAdapterGradientError, NonFiniteLossError, TrainingGuard
+from lightning_qlora.lightning.checkpoint_io import AtomicCheckpointIO, CheckpointLoadError
 from lightning_qlora.lora import LoRALinear
-from lightning_qlora.tracking import wandb_mode
+from lightning_qlora.app.tracking import wandb_mode
 
 
 class PoisonedModule(RegressionModule):
@@ -71,9 +71,9 @@ def test_cuda_requested_without_gpu_is_a_clear_error():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_auto_accelerator_falls_back_to_cpu_with_one_warning(monkeypatch):
-    import lightning_qlora.strategy as strategy
+    import lightning_qlora.lightning.strategies.mixin as mixin
 
-    monkeypatch.setattr(strategy, "_warned_cpu", False)
+    monkeypatch.setattr(mixin, "_warned_cpu", False)
     with pytest.warns(UserWarning, match=r"QLoRA is running on the CPU") as record:
         for _ in range(2):
             fast_trainer(accelerator="auto", strategy="qlora", max_steps=1).fit(RegressionModule(), regression_loader())
@@ -229,7 +229,7 @@ class GreedyModule(RegressionModule):
 
 @pytest.mark.gpu
 def test_out_of_gpu_memory_names_the_peak_and_the_remedies():
-    from lightning_qlora.strategy import QLoRAOutOfMemoryError
+    from lightning_qlora.lightning.oom import QLoRAOutOfMemoryError
 
     trainer = fast_trainer(accelerator="cuda", strategy="qlora", max_steps=2)
     with pytest.raises(QLoRAOutOfMemoryError, match=r"CUDA ran out of memory in the forward pass at step 0 on .*: "
@@ -239,7 +239,7 @@ def test_out_of_gpu_memory_names_the_peak_and_the_remedies():
 
 _KILL_DURING_CKPT = r"""
 import os, signal, sys, torch
-from lightning_qlora.checkpoint_io import AtomicCheckpointIO
+from lightning_qlora.lightning.checkpoint_io import AtomicCheckpointIO
 real = torch.save
 def save_half_then_die(obj, handle, *args, **kwargs):
     handle.write(b"PK\x03\x04 half a checkpoint")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from lightning_qlora.fidelity import FORMATS, bits_per_parameter, reconstruction_errors, round_trip
+from lightning_qlora.quant.fidelity import FORMATS, bits_per_parameter, reconstruction_errors, round_trip
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_unknown_format_is_refused():
 
 
 def _report(args, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lightning_qlora.report", *args, "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "lightning_qlora.tools.report", *args, "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((tmp_path / "report.json").read_text())

@@ -17,9 +17,11 @@ from safetensors.torch import load_file
 from lightning_qlora import QLoRAPlugin, QuantConfig
 from lightning_qlora.config import ConfigError
 from lightning_qlora.lora import LoRALinear
-from lightning_qlora.quantize import dequantize_weight, is_quantized_linear, iter_linears, quantize_model
-from lightning_qlora.sharding import QuantStorageMismatchError, check_quant_storage, shard_units
-from lightning_qlora.strategy import QLoRAFSDPStrategy, _block_finisher, _resolve_quant_storage_for_fsdp
+from lightning_qlora.quant import dequantize_weight, is_quantized_linear, quantize_model
+from lightning_qlora.modules import iter_linears
+from lightning_qlora.lightning.strategies.fsdp import QLoRAFSDPStrategy, resolve_quant_storage_for_fsdp
+from lightning_qlora.modules import find_blocks
+from lightning_qlora.sharding import QuantStorageMismatchError, check_quant_storage
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 
@@ -86,7 +88,7 @@ def test_dora_under_fsdp_matches_one_process(tmp_path):
                          [("qlora_fsdp", "adamw"), ("qlora_ddp", "adamw"), ("qlora_fsdp", "adamw8bit")])
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, strategy, optimizer):
     # AdamW: its moments must come back too. The checkpoint after epoch 0 (step 4) is adapter-only, one file.
-    # AdamW8bit (lightning_qlora.optim_8bit) steps each rank's shard with bitsandbytes' 8-bit kernel, saves its
+    # AdamW8bit (lightning_qlora.optim.adamw8bit) steps each rank's shard with bitsandbytes' 8-bit kernel, saves its
     # moments gathered in torch AdamW's format and re-quantizes them on load: bit for bit the same 8-bit state.
     common = ["--devices", 2, "--batch", 4, "--optimizer", optimizer, "--strategy", strategy]
     _run(tmp_path / "full", *common)
@@ -108,9 +110,9 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, strateg
 def test_fsdp_refuses_an_explicit_quant_storage_other_than_the_compute_dtype():
     plugin = QLoRAPlugin(quant=QuantConfig(quant_storage="uint8"))
     with pytest.raises(QuantStorageMismatchError, match="quant_storage.*'bf16'.*destroying"):
-        _resolve_quant_storage_for_fsdp(plugin)
+        resolve_quant_storage_for_fsdp(plugin)
     auto = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp16"))
-    _resolve_quant_storage_for_fsdp(auto)
+    resolve_quant_storage_for_fsdp(auto)
     assert auto.quant.quant_storage == "fp16"
     with pytest.raises(ConfigError, match="quant_storage='int8'"):
         QuantConfig(quant_storage="int8")
@@ -134,11 +136,11 @@ def test_bf16_storage_holds_the_same_bytes_as_uint8(tiny_llama):
     torch.testing.assert_close(dequantize_weight(a), dequantize_weight(b), atol=0, rtol=0)
 
 
-def test_shard_units_are_the_transformer_blocks_or_named_classes(tiny_llama):
-    assert [n for n, _ in shard_units(tiny_llama)] == ["model.layers.0", "model.layers.1"]
-    assert [n for n, _ in shard_units(tiny_llama, ["LlamaMLP"])] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+def test_blocks_are_the_transformer_blocks_or_named_classes(tiny_llama):
+    assert [n for n, _ in find_blocks(tiny_llama)] == ["model.layers.0", "model.layers.1"]
+    assert [n for n, _ in find_blocks(tiny_llama, ["LlamaMLP"])] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     with pytest.raises(ValueError, match="matches no module.*LlamaDecoderLayer"):
-        shard_units(tiny_llama, ["GPT2Block"])
+        find_blocks(tiny_llama, ["GPT2Block"])
 
 
 def test_fsdp_strategy_is_registered_and_shards_over_all_ranks_by_default():
@@ -174,15 +176,13 @@ def test_fsdp_conversion_adapts_and_shards_each_block_before_quantizing_the_next
     reference = QLoRAPlugin(quant=QuantConfig(quant_storage="bf16"))
     reference.convert_module(copy.deepcopy(tiny_llama))  # the whole model at once, as on one device
     events = []
-
-    def shard(name, unit):
+    for block in plugin.iter_converted_blocks(tiny_llama):
+        if block.is_root:
+            continue
         later = [m for n, m in iter_linears(tiny_llama) if n.startswith("model.layers.1.")]
-        adapted = [m for m in unit.modules() if isinstance(m, LoRALinear)]
-        events.append((name, len(adapted), any(is_quantized_linear(m) for m in later),
-                       {p.dtype for p in unit.parameters() if not p.requires_grad}))
-
-    finish = _block_finisher(tiny_llama, shard_units(tiny_llama), plugin, torch.device("cpu"), shard)
-    plugin.convert_module(tiny_llama, after_layer=finish)
+        adapted = [m for m in block.module.modules() if isinstance(m, LoRALinear)]
+        events.append((block.name, len(adapted), any(is_quantized_linear(m) for m in later),
+                       {p.dtype for p in block.module.parameters() if not p.requires_grad}))
     assert [e[0] for e in events] == ["model.layers.0", "model.layers.1"]
     assert events[0][1] == 7 and events[0][2] is False  # block 0 adapted; block 1 not even quantized yet
     assert events[0][3] == {torch.bfloat16}  # packed bytes (bf16 storage) and norms, all in FSDP's dtype

@@ -15,8 +15,8 @@ from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig
 from lightning_qlora.calibration import calibrated_weights
 from lightning_qlora.config import ConfigError
 from lightning_qlora.lora import LoRALinear, inject_lora, iter_lora_layers
-from lightning_qlora.lora_init import ErrorCorrectingInit, error_correcting_factors
-from lightning_qlora.quantize import dequantize_weight, quantize_model, stored_weight
+from lightning_qlora.calibration.cloq import ErrorCorrectingInit, error_correcting_factors
+from lightning_qlora.quant import dequantize_weight, quantize_model, stored_weight
 
 
 def _correlated_inputs(features: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:

@@ -10,7 +10,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from lightning_qlora.optim_8bit import AdamW8bit, _dequantize, _quantize
+from lightning_qlora.optim.adamw8bit import AdamW8bit, _dequantize, _quantize
 
 SHAPES = [(64, 300), (5001,), (16, 8)]  # two 8-bit tensors (one with a partial last block), one small fp32 one
 

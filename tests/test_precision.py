@@ -9,7 +9,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from lightning_qlora import LoRAConfig, LoRALinear, QLoRAPlugin, QuantConfig
-from lightning_qlora.quantize import is_quantized_linear, packed_bytes
+from lightning_qlora.quant import is_quantized_linear, packed_bytes
 
 
 def _trainer(**kwargs):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from lightning_qlora import QuantConfig, quantize_model
-from lightning_qlora.quantize import dequantize_weight, is_quantized_linear, packed_bytes, quantized_nbytes
+from lightning_qlora.quant import dequantize_weight, is_quantized_linear, packed_bytes, quantized_nbytes
 
 
 def _state_dict_bytes(module: nn.Module) -> int:

@@ -6,7 +6,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_qlora import LoRAConfig, LoRALinear, QLoRAPlugin, QLoRAStrategy
-from lightning_qlora.quantize import is_quantized_linear
+from lightning_qlora.quant import is_quantized_linear
 
 
 def _trainer(**kwargs):

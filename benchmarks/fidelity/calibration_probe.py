@@ -10,12 +10,12 @@ import functools
 import sys
 import time
 
-import lightning_qlora.calibration as calibration
+import lightning_qlora.calibration.statistics as calibration
 from lightning_qlora.config import QuantConfig
-from lightning_qlora.data import InstructionDataModule
-from lightning_qlora.models.pretrained import load_causal_lm, resolve_pretrained
-from lightning_qlora.quantize import quantize_model
-from lightning_qlora.report import _perplexity
+from lightning_qlora.app.data import InstructionDataModule
+from lightning_qlora.app.models.pretrained import load_causal_lm, resolve_pretrained
+from lightning_qlora.quant import quantize_model
+from lightning_qlora.tools.report import _perplexity
 
 
 def main() -> None:

@@ -14,10 +14,10 @@ import time
 import bitsandbytes as bnb
 import torch
 
-from lightning_qlora.data import InstructionDataModule
-from lightning_qlora.models.pretrained import load_causal_lm, resolve_pretrained
-from lightning_qlora.quantize import iter_linears
-from lightning_qlora.report import _perplexity
+from lightning_qlora.app.data import InstructionDataModule
+from lightning_qlora.app.models.pretrained import load_causal_lm, resolve_pretrained
+from lightning_qlora.modules import iter_linears
+from lightning_qlora.tools.report import _perplexity
 
 
 def corrected_perplexity(path: str, batches: list, rank: int, blocksize: int, iters: int) -> float:

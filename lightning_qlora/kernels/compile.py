@@ -3,23 +3,21 @@
 Compiling blocks (not the whole model) keeps each graph to one block, leaves the embeddings, head and loss outside,
 and works with per-block activation checkpointing. bitsandbytes' 4-bit ops are registered torch ops, so inductor
 fuses the element-wise work around them (norms, rotary embeddings, activations, residual adds) and the step issues
-far fewer kernels. Measured speed-ups are in ``benchmarks/README.md``.
+far fewer kernels.
 
 Activation checkpointing happens inside the compiled region. transformers checkpoints a layer in its ``__call__``
 (up to 5.17) or its ``forward`` (later); a compiled block takes that over (the layer's checkpoint function becomes a
 pass-through, the block's own forward checkpoints when ``gradient_checkpointing`` is on), so one compiled graph holds
-the forward and another the recompute and backward, whatever the transformers version. Outside the compiled region
-the recompute replayed the compiled forward during backward, which CUDA graphs (``mode="reduce-overhead"``) cannot
-do: they overwrote the forward's outputs (seen on the H200). The checkpoint is a selective one whose policy makes
-every op "must recompute": with torch's plain checkpoint (ops only "prefer" recompute) inductor on the H200 (torch
-2.11) recomputed nothing and kept each layer's bf16 weights and activations, 0.75 GiB per 7B layer against 0.15
-(``benchmarks/saved_activations.py``); the CPU build recomputed either way.
+the forward and another the recompute and backward, whatever the transformers version. A recompute outside the
+compiled region would replay the compiled forward during backward, which CUDA graphs (``mode="reduce-overhead"``)
+cannot do. The checkpoint is a selective one whose policy makes every op "must recompute": with torch's plain
+checkpoint (ops only "prefer" recompute) inductor may recompute nothing and keep each layer's bf16 weights and
+activations.
 
 Without activation checkpointing, a compiled block runs under a selective-checkpoint policy that marks
-bitsandbytes' dequantize ops "must recompute". Without it, AOT autograd's joint graph merges the backward's
-dequantize with the forward's (the same call on the same packed weight) and inductor's min-cut partitioner then
-saves every layer's bf16 weight for backward: a 7B model without checkpointing peaked at 24.92 GiB compiled against
-17.49 GiB eager on the H200; 12.91 GiB with the policy, at the same speed or better (``benchmarks/NOTES.md``).
+bitsandbytes' dequantize ops "must recompute". Otherwise AOT autograd's joint graph merges the backward's dequantize
+with the forward's (the same call on the same packed weight) and inductor's min-cut partitioner saves every layer's
+bf16 weight for backward, which is what 4-bit storage exists to avoid. (Measurements: ``benchmarks/NOTES.md``.)
 """
 
 from __future__ import annotations
@@ -31,9 +29,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from lightning_qlora._bnb import import_bitsandbytes
-from lightning_qlora.quantize import has_quantized_linears
-from lightning_qlora.sharding import shard_units
+from lightning_qlora._imports import import_bitsandbytes
+from lightning_qlora.modules import find_blocks
+from lightning_qlora.quant.weight import has_quantized_linears
 
 
 def compile_blocks(
@@ -56,7 +54,7 @@ def compile_blocks(
     """
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"compile_blocks(checkpointing={checkpointing!r}): expected one of {CHECKPOINTING}.")
-    blocks = shard_units(root)
+    blocks = find_blocks(root)
     if not blocks:
         raise ValueError(
             f"{type(root).__name__} has no transformer blocks to compile (no nn.ModuleList of layers with linear "

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora.quantize import dequantize_weight, is_quantized_linear
+from lightning_qlora.quant.weight import dequantize_weight, is_quantized_linear
 
 
 def base_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:

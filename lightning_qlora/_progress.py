@@ -1,0 +1,23 @@
+"""Progress bars over long per-layer work (quantizing, calibrating, merging), quiet for toy models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# A bar is worth showing only for real models, not for the toy ones of tests.
+MIN_ITEMS_FOR_PROGRESS = 64
+
+
+def progress_bar(items: Iterable[T], show: bool | None, desc: str, unit: str = "layer", total: int | None = None) -> Any:
+    """``items`` wrapped in a tqdm bar when ``show`` (``None``: when there are at least 64 of them)."""
+    count = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    if show is None:
+        show = count is not None and count >= MIN_ITEMS_FOR_PROGRESS
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, total=count)

@@ -1,0 +1,208 @@
+"""``lightning-qlora``: the Hydra app that runs a QLoRA fine-tune from ``conf/`` (the default job needs no network).
+
+    lightning-qlora                                         # SmolLM2-135M-Instruct on the Jargon File, offline
+    lightning-qlora lora.r=64 quant.quant_type=fp4 trainer.max_steps=50 logger=csv
+    lightning-qlora -m lora.r=4,8                           # a sweep, one run directory per value
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("lightning_qlora")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Console-script entry point; returns the held-out perplexity after training (for sweepers)."""
+    results = run(cfg)
+    return float(results["perplexity_after"] if results["perplexity_after"] is not None else math.nan)
+
+
+def _compile_setting(value: Any) -> Any:
+    """The app's ``compile`` value for ``QLoRAPlugin(compile=...)``: false/true, a torch.compile mode name, or a
+    mapping of torch.compile arguments (the plugin refuses anything else, listing the modes)."""
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return False if value is None else value
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one fine-tune described by ``cfg`` and return (and write to ``results.json``) what it measured."""
+    _quiet_known_noise()
+    from hydra.utils import instantiate
+    from lightning.pytorch import seed_everything
+
+    from lightning_qlora.lora.peft_format import adapter_state_dict, save_adapter
+    from lightning_qlora.lightning.callbacks import AdapterCheckpoint, PeakMemoryMonitor, TrainingCurves
+    from lightning_qlora.app.models.pretrained import resolve_pretrained
+    from lightning_qlora.lightning.plugin import QLoRAPlugin
+
+    # Validate the cheap things before loading anything: a bad LoRA/quant value fails here, in a second.
+    quant = instantiate(cfg.quant)
+    lora = instantiate(cfg.lora)
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    model_path = resolve_pretrained(cfg.model.name_or_path)
+    datamodule = instantiate(cfg.data, tokenizer_path=model_path)
+    module = instantiate(cfg.model, name_or_path=model_path)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    plugin = QLoRAPlugin(quant=quant, lora=lora, compile=_compile_setting(cfg.get("compile", False)))
+    trainer = instantiate(cfg.trainer, plugins=[plugin], callbacks=callbacks, logger=logger)
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    datamodule.setup("fit")
+    samples = datamodule.val_examples[: cfg.eval.sample_terms]
+    results: dict[str, Any] = {"run_dir": str(run_dir), "model": cfg.model.name_or_path, "data": datamodule.describe()}
+
+    # Validation also sets the model up (quantize + inject) so that the "before" answers come from the 4-bit base.
+    before_ppl = _validate(trainer, module, datamodule) if cfg.eval.perplexity or samples else None
+    results["perplexity_before"] = before_ppl if cfg.eval.perplexity else None
+    before = module.generate_answers(
+        datamodule.tokenizer, [s.prompt for s in samples], cfg.eval.max_new_tokens, datamodule.system_prompt
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule)
+    fit_seconds = time.perf_counter() - started
+    results["perplexity_after"] = _validate(trainer, module, datamodule) if cfg.eval.perplexity else None
+    after = module.generate_answers(
+        datamodule.tokenizer, [s.prompt for s in samples], cfg.eval.max_new_tokens, datamodule.system_prompt
+    )
+
+    adapter_cb = _find(callbacks, AdapterCheckpoint)
+    adapter_dir = adapter_cb.last_path if adapter_cb and adapter_cb.last_path else None
+    if adapter_dir is None:
+        state = adapter_state_dict(module)  # every rank: under FSDP the adapters are gathered collectively
+        adapter_dir = run_dir / "adapter"
+        if trainer.is_global_zero:
+            save_adapter(module, adapter_dir, metadata={"global_step": trainer.global_step}, state=state)
+        trainer.strategy.barrier("lightning-qlora adapter")
+    memory = _find(callbacks, PeakMemoryMonitor)
+    curves = _find(callbacks, TrainingCurves)
+    summary = plugin.summary
+    results.update(
+        steps=trainer.global_step,
+        fit_seconds=round(fit_seconds, 2),
+        tokens_per_sec=round(module.train_tokens / fit_seconds, 1) if fit_seconds > 0 else None,
+        trainable_params=summary.trainable_params if summary else None,
+        total_params=summary.total_params if summary else None,
+        trainable_percent=round(summary.trainable_percent, 4) if summary else None,
+        peak_memory_gib={k: round(v, 4) for k, v in (memory.summary if memory else {}).items()},
+        adapter_dir=str(adapter_dir),
+        adapter_mib=round(sum(f.stat().st_size for f in Path(adapter_dir).iterdir()) / 2**20, 3),
+        training_curves=str(curves.path) if curves and curves.path and curves.path.exists() else None,
+        answers=[
+            {"prompt": s.prompt, "reference": s.response, "before": b, "after": a}
+            for s, b, a in zip(samples, before, after)
+        ],
+    )
+    if not trainer.is_global_zero:
+        return results  # with several processes, rank zero writes and prints
+    if logger:
+        results["wandb"] = _finish_wandb(logger, results, Path(adapter_dir))
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _print_report(results)
+    return results
+
+
+def _quiet_known_noise() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes suggests installing `kernels` (a hub download) for a CPU kernel it already has a fallback for.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # ThroughputMonitor asks for FLOPs per batch to report MFU; tokens/s is what this app reports.
+    warnings.filterwarnings("ignore", message=".*you need to define a `flops_per_batch`.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+def _validate(trainer: Any, module: Any, datamodule: Any) -> float:
+    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)
+    return round(float(metrics[0]["val/perplexity"]), 4)
+
+
+def _find(callbacks: list[Any], kind: type) -> Any:
+    return next((c for c in callbacks if isinstance(c, kind)), None)
+
+
+def _finish_wandb(logger: Any, results: dict[str, Any], adapter_dir: Path) -> dict[str, Any] | None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    metrics = {
+        k: results[k]
+        for k in ("perplexity_before", "perplexity_after", "tokens_per_sec", "trainable_params", "total_params")
+        if results.get(k) is not None
+    }
+    logger.log_metrics({f"summary/{k}": v for k, v in metrics.items()}, step=results["steps"])
+    if not isinstance(logger, WandbLogger):
+        return None
+    import wandb
+
+    run = logger.experiment
+    logger.log_text(
+        key="answers",
+        columns=["prompt", "reference", "before", "after"],
+        data=[[a["prompt"], a["reference"], a["before"], a["after"]] for a in results["answers"]],
+    )
+    artifact = wandb.Artifact(name=f"adapter-{run.id}", type="model", metadata=metrics)
+    artifact.add_dir(str(adapter_dir))
+    run.log_artifact(artifact)
+    offline = run.settings.mode in ("offline", "dryrun") or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+    run_path = Path(run.dir).parent
+    run.finish()
+    return {"mode": "offline" if offline else "online", "run_dir": str(run_path), "id": run.id}
+
+
+def _print_report(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="QLoRA fine-tune", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    ppl_b, ppl_a = results["perplexity_before"], results["perplexity_after"]
+    if ppl_b is not None and ppl_a is not None:
+        table.add_row("held-out perplexity", f"{ppl_b:.2f} -> {ppl_a:.2f} ({100 * (ppl_a - ppl_b) / ppl_b:+.1f}%)")
+    table.add_row("steps", f"{results['steps']} in {results['fit_seconds']:.1f} s")
+    table.add_row("tokens/s (training)", f"{results['tokens_per_sec']}")
+    if results["trainable_params"] is not None:
+        table.add_row(
+            "trainable / total params",
+            f"{results['trainable_params']:,} / {results['total_params']:,} ({results['trainable_percent']:.3f}%)",
+        )
+    for key, value in results["peak_memory_gib"].items():
+        label = {"memory/run_peak_rss_gib": "peak RSS (CPU process)"}.get(key, key.replace("memory/run_", ""))
+        table.add_row(label, f"{value:.3f} GiB")
+    table.add_row("adapter", f"{results['adapter_dir']} ({results['adapter_mib']:.2f} MiB)")
+    if results.get("training_curves"):
+        table.add_row("training curves", results["training_curves"])
+    wandb_info = results.get("wandb")
+    if wandb_info:
+        where = wandb_info["run_dir"]
+        hint = f"  (upload later: wandb sync {where})" if wandb_info["mode"] == "offline" else ""
+        table.add_row(f"W&B run ({wandb_info['mode']})", where + hint)
+    console.print(table)
+
+    answers = Table(title="Held-out terms: answers before and after fine-tuning", show_lines=True)
+    for column in ("prompt", "before", "after", "reference (Jargon File)"):
+        answers.add_column(column, overflow="fold")
+    for a in results["answers"]:
+        answers.add_row(a["prompt"], a["before"], a["after"], a["reference"][:300])
+    console.print(answers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The user's own instruction data: one JSON object per line with a prompt and a response."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lightning_qlora.app.data.examples import Example
+from lightning_qlora.errors import QLoRAError
+
+
+class DataFormatError(QLoRAError, ValueError):
+    """A data file is missing, empty, or has a malformed row; the message names the file and line."""
+
+
+def load_jsonl(path: str | os.PathLike, prompt_key: str = "instruction", response_key: str = "response") -> list[Example]:
+    """Read ``{"instruction": ..., "response": ...}`` rows (keys configurable); blank lines are skipped.
+
+    Raises:
+        DataFormatError: for a missing or empty file, invalid JSON, a row that is not an object, or a missing,
+            non-string or empty prompt/response, naming ``file:line`` and what was expected.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataFormatError(
+            f"data.path={str(path)!r} does not exist. Expected a JSONL file with one "
+            f'{{"{prompt_key}": "...", "{response_key}": "..."}} object per line.'
+        )
+    examples: list[Example] = []
+    with file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{file}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{where}: invalid JSON ({err.msg} at column {err.colno}).") from None
+            if not isinstance(row, dict):
+                raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+            for key in (prompt_key, response_key):
+                value = row.get(key)
+                if not isinstance(value, str) or not value.strip():
+                    raise DataFormatError(
+                        f"{where}: expected a non-empty string under {key!r}, got {value!r}. "
+                        f"Rows need both {prompt_key!r} and {response_key!r} (keys found: {sorted(row)})."
+                    )
+            examples.append(Example(row[prompt_key].strip(), row[response_key].strip(), where))
+    if not examples:
+        raise DataFormatError(f"{file}: the file has no rows. Expected one JSON object per line.")
+    return examples

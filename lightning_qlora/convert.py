@@ -1,0 +1,281 @@
+"""The QLoRA conversion recipe: quantize, cast, inject adapters, freeze, initialise, one transformer block at a time.
+
+Everything QLoRA does to a model happens here, in plain torch. For each transformer block (:func:`find_blocks`) the
+recipe quantizes its linears on the target device (one full-precision weight at a time), materializes and casts the
+block's other tensors to the compute dtype, wraps the targeted linears in LoRA adapters, freezes the base and starts
+the adapters from the calibration result, if any; then it yields the finished block. The rest of the model
+(embeddings, final norm, head, linears outside the blocks) is finished last and yielded as the root, with the
+summary. Callers decide only *when* and *where*: the Lightning plugin and strategies consume the blocks, the FSDP
+strategy shards each one as it arrives, so a rank never holds more than its shards plus one whole block.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_qlora.calibration import CalibrationResult
+from lightning_qlora.config import LoRAConfig, QuantConfig
+from lightning_qlora.lora.inject import target_names, wrap_linears
+from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.modules import find_blocks, is_adapter_parameter, replace_submodule
+from lightning_qlora.quant.quantize import CALIBRATION_ATTR, LinearQuantizer, QuantizationReport, require_linears
+from lightning_qlora.quant.weight import has_quantized_linears, is_packed, is_quantized_linear, quant_state_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConversionSummary:
+    """What the recipe did to a model: logged once at fit start by the plugin.
+
+    Attributes:
+        quantization: the linears quantized and skipped, with their bytes before and after.
+        adapted: qualified names of the linears that got adapters.
+        initialized: of those, the ones started from calibration (error-correcting init).
+        trainable_params: parameters that require grad (the adapters).
+        total_params: all parameters, a packed 4-bit weight counted by its logical ``out x in`` shape.
+        quant: the settings it was converted with.
+    """
+
+    quantization: QuantizationReport
+    adapted: list[str]
+    initialized: list[str]
+    trainable_params: int
+    total_params: int
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def changed_anything(self) -> bool:
+        """False for a model that was converted before (e.g. ``validate()`` after ``fit()``)."""
+        return bool(self.adapted) or (bool(self.quantization.quantized) and self.quant.quantized)
+
+    def as_text(self) -> str:
+        q, quant = self.quantization, self.quant
+        return (
+            f"QLoRA: {len(q.quantized)} linear layer(s) -> {quant.quant_type}"
+            f"{' + double quant' if quant.double_quant and quant.quantized else ''} "
+            f"(compute {quant.compute_dtype}, blocksize {quant.blocksize}), {len(q.skipped)} kept as they were; "
+            f"linear weights {_mib(q.bytes_before)} -> {_mib(q.bytes_after)} "
+            f"({q.bits_per_parameter:.3f} bits/param); LoRA on {len(self.adapted)} layer(s); "
+            f"trainable params {self.trainable_params:,} / {self.total_params:,} ({self.trainable_percent:.3f}%)"
+        )
+
+    def as_metrics(self) -> dict[str, float]:
+        q = self.quantization
+        return {
+            "qlora/layers_quantized": float(len(q.quantized)),
+            "qlora/linear_bytes_before": float(q.bytes_before),
+            "qlora/linear_bytes_after": float(q.bytes_after),
+            "qlora/bits_per_param": q.bits_per_parameter,
+            "qlora/trainable_params": float(self.trainable_params),
+            "qlora/total_params": float(self.total_params),
+            "qlora/trainable_percent": self.trainable_percent,
+        }
+
+
+@dataclass
+class ConvertedBlock:
+    """One finished piece of the model, as :func:`iter_converted_blocks` yields it.
+
+    Attributes:
+        name: the block's qualified name in the model; ``""`` for the root (everything outside the blocks), which
+            comes last.
+        module: the block (or the root model).
+        quantized: linears quantized in this piece.
+        adapted: linears given adapters in this piece.
+        summary: on the root only: the whole conversion's summary.
+    """
+
+    name: str
+    module: nn.Module
+    quantized: list[str]
+    adapted: list[str]
+    summary: ConversionSummary | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.name == ""
+
+
+def iter_converted_blocks(
+    model: nn.Module,
+    quant: QuantConfig,
+    lora: LoRAConfig | None,
+    *,
+    device: torch.device | str | None = None,
+    calibration: CalibrationResult | None = None,
+    block_classes: Sequence[str] | None = None,
+) -> Iterator[ConvertedBlock]:
+    """Convert ``model`` in place, block by block, yielding each block as soon as it is finished, then the root.
+
+    Args:
+        model: the full-precision model (on the meta device, the CPU or the accelerator). A model whose linears are
+            already 4-bit is not quantized again (adapters are still injected where missing).
+        quant: the quantization settings.
+        lora: the adapters' settings; ``None`` only quantizes, casts and freezes.
+        device: where the converted model lives; ``None`` keeps each tensor's device (meta ones go to the CPU).
+        calibration: GPTQ codes and adapter factors from :func:`lightning_qlora.calibration.calibrate`.
+        block_classes: class names of the blocks (default: :func:`~lightning_qlora.modules.find_blocks`'s).
+
+    Yields:
+        :class:`ConvertedBlock` for each transformer block in order, then the root (``name == ""``) with the
+        :class:`ConversionSummary`.
+
+    Raises:
+        ValueError: the model has no linear layer, or ``lora.target_modules`` match none (before anything changes).
+    """
+    linears = require_linears(model)
+    dtype = quant.torch_compute_dtype
+    target = torch.device(device) if device is not None else None
+    converted_before = any(is_quantized_linear(m) for _, m in linears)
+    # Targets are chosen and checked over the whole model before anything is converted.
+    targets = target_names(model, lora, quant.skip_modules) if lora is not None else []
+    rounded = calibration.rounded if calibration is not None else {}
+    adapter_init = calibration.adapter_init if calibration is not None else {}
+    quantizer = LinearQuantizer(quant, linears, target, rounded)
+    blocks = find_blocks(model, block_classes)
+    prefixes = [(name, name + ".") for name, _ in blocks]
+
+    def block_of(name: str) -> str:
+        return next((block for block, prefix in prefixes if name.startswith(prefix)), "")
+
+    owner = {name: block_of(name) for name, _ in linears}
+    adapted_all: list[str] = []
+    initialized: list[str] = []
+
+    # Each original linear is dropped as soon as it is replaced: its full-precision weight must not outlive it.
+    pending = dict(linears)
+    del linears
+
+    def finish(piece_name: str, piece: nn.Module) -> ConvertedBlock:
+        quantized = []
+        for name in [n for n in pending if owner[n] == piece_name]:
+            linear = pending.pop(name)
+            if quantizer.skips(name):
+                quantizer.keep(name, linear)
+            elif not converted_before:
+                replace_submodule(model, name, quantizer.convert(name, linear))
+                quantized.append(name)
+        _materialize_meta(piece, target)
+        if target is not None:
+            piece.to(target)
+        cast_floating(piece, dtype)
+        names = [n for n in targets if block_of(n) == piece_name]
+        adapted = wrap_linears(model, names, lora) if lora is not None else []
+        adapted_all.extend(adapted)
+        _freeze_base(piece)
+        initialized.extend(_initialize(model, adapted, adapter_init))
+        return ConvertedBlock(piece_name, piece, quantized, adapted)
+
+    for block_name, block in blocks:
+        yield finish(block_name, block)
+    root = finish("", model)
+    report = quantizer.finish(model) if not converted_before else QuantizationReport()
+    if rounded and not converted_before:
+        setattr(model, CALIBRATION_ATTR, calibration.method if calibration is not None else "none")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    root.summary = ConversionSummary(report, adapted_all, initialized, trainable, logical_param_count(model), quant)
+    yield root
+
+
+def convert_model(
+    model: nn.Module,
+    quant: QuantConfig | None = None,
+    lora: LoRAConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    calibration: CalibrationResult | None = None,
+) -> ConversionSummary:
+    """Run the whole recipe on ``model`` in place (see :func:`iter_converted_blocks`) and return its summary.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+        >>> summary = convert_model(model, QuantConfig(skip_modules=()), LoRAConfig(r=4))
+        >>> len(summary.adapted)
+        2
+    """
+    summary = None
+    for piece in iter_converted_blocks(model, quant or QuantConfig(), lora, device=device, calibration=calibration):
+        summary = piece.summary
+    assert summary is not None  # the root always comes last, with the summary
+    return summary
+
+
+def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen non-linear weights (embeddings, norms, a skipped head) in the compute dtype: kept in fp32
+    they would cost as much memory as the whole 4-bit base of a small model. Adapters and packed bytes are kept."""
+    for name, param in model.named_parameters():
+        if is_adapter_parameter(name) or param.is_meta or not param.is_floating_point() or param.dtype == dtype:
+            continue
+        if is_packed(param):
+            continue  # packed 4-bit bytes stored as a float dtype (quant_storage): a cast would destroy them
+        param.data = param.data.to(dtype)
+
+
+def logical_param_count(module: nn.Module) -> int:
+    """Parameters as the model has them: a packed 4-bit weight (two values per byte, possibly sharded by FSDP)
+    counts as its logical ``out x in`` shape; tied weights count once."""
+    total, seen = 0, set()
+    for sub in module.modules():
+        for name, param in sub.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            state = quant_state_of(sub) if name == "weight" and is_quantized_linear(sub) else None
+            shape = getattr(state, "shape", None)
+            total += int(torch.Size(shape).numel()) if shape is not None else param.numel()
+    return total
+
+
+def _freeze_base(piece: nn.Module) -> None:
+    # Only the adapters train; everything else of the piece is frozen base.
+    for name, param in piece.named_parameters():
+        param.requires_grad_(is_adapter_parameter(name))
+
+
+def _initialize(
+    model: nn.Module, adapted: list[str], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> list[str]:
+    """Start the adapters just injected from their calibrated factors (the others keep the default init)."""
+    done = []
+    for name in adapted:
+        if name in factors:
+            layer = model.get_submodule(name)
+            assert isinstance(layer, LoRALinear)
+            layer.initialize_adapter(*factors[name])
+            done.append(name)
+    return done
+
+
+def _materialize_meta(piece: nn.Module, device: torch.device | None) -> None:
+    # Tensors the quantizer did not touch (norms, embeddings, rotary buffers) may still be on the meta device when
+    # the model was built there: give them their own initialization on the target device, one module at a time.
+    where = device if device is not None else torch.device("cpu")
+    for name, module in piece.named_modules():
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if not any(t.is_meta for t in tensors):
+            continue
+        module.to_empty(device=where, recurse=False)
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        else:
+            log.warning(
+                "%s (%s) was built on the meta device and has no reset_parameters(): its tensors are "
+                "uninitialized. Load real weights into it before training.",
+                name or "<root>",
+                type(module).__name__,
+            )
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"

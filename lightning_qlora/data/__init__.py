@@ -1,8 +1,0 @@
-"""Data for the default job: the Jargon File or the user's JSONL, tokenized with the model's chat template."""
-
-from lightning_qlora.data.datamodule import InstructionDataModule
-from lightning_qlora.data.examples import Example
-from lightning_qlora.data.jargon import load_jargon, parse_jargon
-from lightning_qlora.data.jsonl import DataFormatError, load_jsonl
-
-__all__ = ["DataFormatError", "Example", "InstructionDataModule", "load_jargon", "load_jsonl", "parse_jargon"]

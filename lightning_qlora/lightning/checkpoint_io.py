@@ -1,0 +1,69 @@
+"""``AtomicCheckpointIO``: Lightning checkpoints that are never half-written and fail to load with a clear reason."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing_extensions import override
+
+from lightning_qlora.errors import QLoRAError
+
+
+class CheckpointLoadError(QLoRAError, RuntimeError):
+    """A Lightning checkpoint is missing, truncated or corrupted."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write ``.ckpt`` files to a temporary file in the same directory, fsync, then rename over the target.
+
+    A process killed while saving, or a full disk, leaves the previous checkpoint intact. Loading a damaged file
+    raises :class:`CheckpointLoadError` naming the file and the reason instead of an unpickling traceback.
+    ``strategy="qlora"`` uses it by default.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            reason = "the disk is full" if err.errno == errno.ENOSPC else err.strerror or str(err)
+            raise OSError(
+                err.errno, f"Could not write checkpoint {target}: {reason}. The previous checkpoint there is intact; "
+                "free space or point the checkpoint dirpath elsewhere."
+            ) from err
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @override
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        target = Path(path)
+        if not target.is_file():
+            raise CheckpointLoadError(f"Checkpoint {target} does not exist.")
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except (RuntimeError, EOFError, ValueError, OSError, KeyError) as err:
+            raise CheckpointLoadError(
+                f"Checkpoint {target} cannot be loaded: truncated or corrupted ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]}). Resume from an earlier checkpoint in {target.parent}."
+            ) from None
+        except Exception as err:  # pickle.UnpicklingError and friends
+            raise CheckpointLoadError(
+                f"Checkpoint {target} cannot be loaded: not a valid checkpoint ({type(err).__name__})."
+            ) from None

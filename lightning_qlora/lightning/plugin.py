@@ -1,0 +1,268 @@
+"""``QLoRAPlugin``: the Lightning precision plugin that turns any LightningModule into a QLoRA fine-tune.
+
+It sets the dtypes and runs the conversion recipe (:mod:`lightning_qlora.convert`) with its settings; the strategies
+decide where (the device) and with what calibration result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_qlora.calibration import CalibrationError, CalibrationResult, calibrate, default_forward
+from lightning_qlora.config import LoRAConfig, QuantConfig
+from lightning_qlora.convert import ConversionSummary, ConvertedBlock, iter_converted_blocks
+from lightning_qlora.kernels.compile import compile_blocks
+from lightning_qlora.lightning.rng import capture_rng_state, restore_rng_state
+from lightning_qlora.lora.inject import mark_only_lora_as_trainable
+from lightning_qlora.modules import adapter_root
+from lightning_qlora.quant.weight import has_quantized_linears
+
+log = logging.getLogger(__name__)
+
+#: ``torch.compile``'s modes, accepted as ``QLoRAPlugin(compile=...)`` (and the app's ``compile=...``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_PRECISION_OF = {"bf16": "bf16-true", "fp16": "16-true", "fp32": "32-true"}
+
+
+class _Default:
+    """Marks an argument left at its default, so ``lora=None`` can mean "no adapters"."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
+
+
+class QLoRAPlugin(Precision):
+    """Store linear layers in 4-bit (NF4 + double quantization by default), compute in bf16, train LoRA adapters.
+
+    When the strategy sets the model up, every ``nn.Linear`` of the model (except ``quant.skip_modules``) is replaced
+    by a bitsandbytes 4-bit linear, the base is frozen, and LoRA adapters are injected into the targeted linears.
+    Only adapter parameters then require grad, so an optimizer built from ``self.parameters()`` trains the
+    adapters only. Floating-point inputs are cast to the compute dtype, outputs back to fp32.
+
+    Names in ``target_modules`` and ``skip_modules`` are relative to the LightningModule's ``model`` attribute when
+    it has one (the common ``self.model = AutoModelForCausalLM...`` layout), otherwise to the LightningModule.
+
+    Args:
+        quant: quantization settings; ``QuantConfig()`` by default. ``QuantConfig(quant_type="none")`` keeps the
+            base in ``compute_dtype`` unquantized (plain LoRA, same code path).
+        lora: adapter settings; ``LoRAConfig()`` by default. ``None`` only quantizes and freezes.
+        compile: ``torch.compile`` each transformer block after conversion (``True``, a ``torch.compile`` mode such
+            as ``"reduce-overhead"``, or a dict of ``torch.compile`` arguments). Faster steps on CUDA; with
+            ``"reduce-overhead"`` each block's forward and backward also run as CUDA graphs. Activation
+            checkpointing (transformers' ``gradient_checkpointing_enable``) then happens inside the compiled blocks
+            (:mod:`lightning_qlora.kernels.compile`). The first steps pay the compile time. Off by default.
+
+    Raises:
+        TypeError: for a ``quant``, ``lora`` or ``compile`` of the wrong kind, naming the accepted ones.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(plugins=[QLoRAPlugin(lora=LoRAConfig(r=8))], accelerator="cpu")  # doctest: +SKIP
+
+    Logged once at fit start: ``qlora/layers_quantized``, ``qlora/linear_bytes_before`` and ``..._after`` (bytes),
+    ``qlora/bits_per_param``, ``qlora/trainable_params``, ``qlora/total_params``, ``qlora/trainable_percent``.
+
+    Attributes:
+        summary: what the last conversion did (:class:`~lightning_qlora.convert.ConversionSummary`).
+        adapters_from_checkpoint: set by :meth:`restore_adapters_from_checkpoint`.
+    """
+
+    precision = "bf16-true"
+
+    def __init__(
+        self,
+        quant: QuantConfig | None = None,
+        lora: LoRAConfig | None | _Default = DEFAULT,
+        compile: bool | str | dict[str, Any] = False,
+    ) -> None:
+        if isinstance(lora, _Default):
+            lora = LoRAConfig()
+        if quant is not None and not isinstance(quant, QuantConfig):
+            raise TypeError(f"QLoRAPlugin(quant={quant!r}) must be a QuantConfig, e.g. QuantConfig(quant_type='nf4').")
+        if lora is not None and not isinstance(lora, LoRAConfig):
+            raise TypeError(f"QLoRAPlugin(lora={lora!r}) must be a LoRAConfig or None, e.g. LoRAConfig(r=16).")
+        if isinstance(compile, str) and compile in COMPILE_MODES:
+            compile = {"mode": compile}
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(
+                f"QLoRAPlugin(compile={compile!r}) must be True, False, a torch.compile mode "
+                f"({', '.join(COMPILE_MODES)}) or a dict of torch.compile arguments."
+            )
+        self.quant = quant or QuantConfig()
+        self.lora = lora
+        self.compile = compile
+        self.precision = _PRECISION_OF[self.quant.compute_dtype]  # type: ignore[assignment]
+        self.dtype = self.quant.torch_compute_dtype
+        self.summary: ConversionSummary | None = None
+        self.adapters_from_checkpoint = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether conversion needs :meth:`calibrate` first: GPTQ-rounded codes (``QuantConfig.calibration``) or
+        error-correcting adapters (``LoRAConfig.init_lora_weights="cloq"``) both come from calibration data."""
+        return self.quant.calibration != "none" or self._computes_adapter_init()
+
+    def restore_adapters_from_checkpoint(self) -> None:
+        """Say that the next conversion's adapters will be overwritten from a checkpoint: call it before
+        ``trainer.fit(..., ckpt_path=...)`` to skip computing their initial values (``init_lora_weights="cloq"``;
+        Lightning restores a checkpoint only after the strategy's set-up, so the plugin cannot tell by itself).
+        GPTQ calibration still runs: the base's codes are not in the checkpoint. Lasts one conversion."""
+        self.adapters_from_checkpoint = True
+
+    def _computes_adapter_init(self) -> bool:
+        # A base kept in the compute dtype has no rounding error to correct: cloq is then the default init (B = 0).
+        cloq = self.lora is not None and self.lora.init_lora_weights == "cloq" and self.quant.quantized
+        return cloq and not self.adapters_from_checkpoint
+
+    def describe_calibration(self) -> str:
+        """What calibration chooses, as the settings that ask for it (for messages)."""
+        settings = []
+        if self.quant.calibration != "none":
+            settings.append(f"QuantConfig(calibration={self.quant.calibration!r})")
+        if self._computes_adapter_init():
+            settings.append("LoRAConfig(init_lora_weights='cloq')")
+        return " and ".join(settings)
+
+    def calibrate(
+        self, module: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any] | None = None
+    ) -> CalibrationResult:
+        """Run ``module`` on ``batches`` for what :attr:`needs_calibration`: the 4-bit codes of its base
+        (``QuantConfig(calibration="gptq")``) and the error-correcting adapter factors
+        (``LoRAConfig(init_lora_weights="cloq")``). Pass the result to :meth:`iter_converted_blocks`. ``module`` (a
+        LightningModule or a model) must still be in full precision; ``forward(batch)`` runs it (default:
+        ``module(**batch)`` for a mapping, else ``module(batch)``)."""
+        lora = self.lora if self._computes_adapter_init() else None
+        result = calibrate(adapter_root(module), batches, self.quant, lora, forward or default_forward(module))
+        report = result.report
+        rank_zero_info(
+            f"Calibrated {self.describe_calibration()} on {report.tokens:,} tokens per layer in {report.seconds:.0f} s"
+            + (f" (GPTQ codes for {report.layers} linears, {report.nearest} rounded to nearest)." if report.layers else ".")
+        )
+        return result
+
+    @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Quantize, freeze and adapt ``module`` in place where it is (see the class docstring).
+
+        Lightning's own strategies call this; the QLoRA strategies convert on the device first (this then finds the
+        model converted and leaves it as it is).
+        """
+        for _ in self.iter_converted_blocks(module):
+            pass
+        return module
+
+    def iter_converted_blocks(
+        self,
+        module: nn.Module,
+        device: torch.device | None = None,
+        calibration: CalibrationResult | None = None,
+        block_classes: list[str] | None = None,
+    ) -> Iterator[ConvertedBlock]:
+        """The recipe (:func:`~lightning_qlora.convert.iter_converted_blocks`) with this plugin's settings, on
+        ``module``'s model: each transformer block as it is finished, then the root. Before the root is yielded the
+        whole LightningModule is frozen but for its adapters, the blocks are compiled if asked, and :attr:`summary`
+        is set and logged.
+
+        Raises:
+            CalibrationError: when :attr:`needs_calibration` and no ``calibration`` is given for a full-precision
+                model.
+        """
+        root = adapter_root(module)
+        already_quantized = has_quantized_linears(root)
+        needs_calibration = self.needs_calibration and not already_quantized
+        if needs_calibration and calibration is None:
+            raise CalibrationError(
+                f"{self.describe_calibration()} comes from training data, but no calibration ran before conversion. "
+                "Use strategy='qlora' with a LightningDataModule (it calibrates on the first calibration_samples "
+                "training sequences), or convert the model yourself first: lightning_qlora.convert_model(model, "
+                "quant, lora, calibration=lightning_qlora.calibrate(model, batches, quant, lora))."
+            )
+        wanted_init = self._computes_adapter_init()
+        self.adapters_from_checkpoint = False  # (one conversion's worth)
+        for piece in iter_converted_blocks(
+            root, self.quant, self.lora, device=device, calibration=calibration if needs_calibration else None,
+            block_classes=block_classes,
+        ):
+            if piece.is_root:
+                assert piece.summary is not None
+                self._finish(module, root, piece.summary, wanted_init and already_quantized)
+            yield piece
+
+    def _finish(self, module: nn.Module, root: nn.Module, summary: ConversionSummary, init_impossible: bool) -> None:
+        if self.lora is not None:
+            mark_only_lora_as_trainable(module)  # parameters the LightningModule holds beside its model, too
+            if summary.initialized:
+                rank_zero_info(
+                    f"Initialized {len(summary.initialized)} of {len(summary.adapted)} adapters to correct the 4-bit "
+                    "rounding error (init_lora_weights='cloq')."
+                )
+            elif init_impossible and summary.adapted:
+                rank_zero_warn(
+                    "init_lora_weights='cloq' needs the full-precision weights, but this model's linears were already "
+                    f"4-bit: its {len(summary.adapted)} new adapters start at zero (the default init). Give the plugin "
+                    "the full-precision model to get the error-correcting init."
+                )
+        if self.compile:
+            compile_blocks(root, **(self.compile if isinstance(self.compile, dict) else {}))
+        if not summary.changed_anything and self.summary is not None:
+            return  # e.g. validate() after fit(): keep the first summary (a bf16 base is re-cast in place, a no-op)
+        self.summary = summary
+        rank_zero_info(summary.as_text())
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in every Lightning checkpoint: the random state (LoRA dropout, sampling) at the moment of saving, so a
+        # resumed run draws the same numbers an uninterrupted one would.
+        return {"rng": capture_rng_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "rng" in state_dict:
+            restore_rng_state(state_dict["rng"])
+
+    @override
+    def tensor_init_context(self) -> Any:
+        return _default_dtype(self.dtype)
+
+    @override
+    def module_init_context(self) -> Any:
+        return _default_dtype(self.dtype)
+
+    @override
+    def forward_context(self) -> Any:
+        return _default_dtype(self.dtype)
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        return apply_to_collection(data, function=_to_dtype, dtype=Tensor, dst_type=self.dtype)
+
+    @override
+    def convert_output(self, data: Any) -> Any:
+        return apply_to_collection(data, function=_to_dtype, dtype=Tensor, dst_type=torch.get_default_dtype())
+
+
+def _to_dtype(tensor: Tensor, dst_type: torch.dtype) -> Tensor:
+    return tensor.to(dst_type) if torch.is_floating_point(tensor) else tensor
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,181 @@
+"""What every QLoRA strategy adds to its Lightning base strategy.
+
+The plugin check, calibration at set-up, conversion on the training device (the recipe, block by block) before
+Lightning's own set-up runs, adapter-only checkpoints restored after set-up, refusals of what a strategy cannot do,
+and explained CUDA out-of-memory errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
+
+from lightning_qlora.calibration import CalibrationError, CalibrationResult
+from lightning_qlora.convert import ConvertedBlock
+from lightning_qlora.lightning.calibration_data import calibration_batches
+from lightning_qlora.lightning.oom import explain_out_of_memory
+from lightning_qlora.lightning.plugin import QLoRAPlugin
+from lightning_qlora.lora.state import load_trainable_state_dict, trainable_state_dict
+from lightning_qlora.modules import adapter_root
+from lightning_qlora.optim.in_backward import OptimizerInBackward
+from lightning_qlora.quant.weight import has_quantized_linears
+
+
+class QLoRAStrategyMixin:
+    """Mixed into a Lightning strategy (before it in the bases): see the module docstring.
+
+    A subclass sets ``strategy_name`` and may override :meth:`consume_block` (FSDP shards each block there).
+    """
+
+    strategy_name: str
+    # Calibrating the 4-bit codes needs the whole full-precision model in one process (one device only, for now).
+    supports_calibration = False
+    # A step inside backward sees a rank's own gradient, before DDP/FSDP reduce it: one device only.
+    supports_optimizer_in_backward = False
+    # Set by the Lightning strategy this is mixed into.
+    model: Any
+    precision_plugin: Any
+    lightning_module: Any
+    optimizers: Any
+    root_device: torch.device
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # The checkpoint holds adapter weights, which only exist once setup has quantized and injected the model.
+        return True
+
+    @override
+    def connect(self, model: Any) -> None:
+        # Before any process group exists: refuse what this strategy cannot do with the plugin's settings.
+        plugin = self.precision_plugin
+        if isinstance(plugin, QLoRAPlugin) and plugin.needs_calibration and not self.supports_calibration:
+            raise CalibrationError(
+                f"{plugin.describe_calibration()} calibrates on one device: strategy={self.strategy_name!r} is not "
+                "supported yet. Use strategy='qlora', or calibration='none' and init_lora_weights='default'."
+            )
+        super().connect(model)  # type: ignore[misc]
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        plugin = self.qlora_plugin()
+        self.convert(trainer, plugin)
+        # Lightning's own set-up order; the plugin's convert_module finds the model converted and leaves it.
+        super().setup(trainer)  # type: ignore[misc]
+        self.log_conversion(trainer, plugin)
+
+    def convert(self, trainer: Trainer, plugin: QLoRAPlugin) -> None:
+        """Calibrate if asked, then run the recipe on this device, handing each finished block to
+        :meth:`consume_block`."""
+        calibration = self.calibration_result(trainer, plugin)
+        for block in plugin.iter_converted_blocks(self.model, self.root_device, calibration, self.block_classes()):
+            self.consume_block(block)
+
+    def block_classes(self) -> list[str] | None:
+        """Class names of the transformer blocks (``None``: found by the recipe)."""
+        return None
+
+    def consume_block(self, block: ConvertedBlock) -> None:
+        """What happens to each finished block: nothing here (it stays on this device)."""
+
+    def calibration_result(self, trainer: Trainer, plugin: QLoRAPlugin) -> CalibrationResult | None:
+        module = self.lightning_module
+        if not plugin.needs_calibration or module is None or has_quantized_linears(adapter_root(module)):
+            return None  # (a strategy that cannot calibrate refused already in connect)
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        batches = calibration_batches(trainer, plugin.quant.calibration_samples, device)
+        return plugin.calibrate(module, batches)
+
+    def qlora_plugin(self) -> QLoRAPlugin:
+        """The QLoRAPlugin (the default one when no precision was given).
+
+        Raises:
+            ValueError: for another precision plugin, naming the fix.
+        """
+        plugin = self.precision_plugin
+        if type(plugin) is Precision:
+            # No precision flag was given: the strategy alone means QLoRA with the defaults.
+            plugin = QLoRAPlugin()
+            self.precision_plugin = plugin
+        if not isinstance(plugin, QLoRAPlugin):
+            raise ValueError(
+                f"strategy={self.strategy_name!r} needs the QLoRAPlugin precision plugin, but got "
+                f"{type(plugin).__name__} (precision={getattr(plugin, 'precision', '?')!r}). Remove the `precision=` "
+                "flag and pass plugins=[QLoRAPlugin(quant=QuantConfig(compute_dtype='bf16'))] to choose the compute dtype."
+            )
+        if self.root_device.type == "cpu":
+            _warn_cpu_once()
+        return plugin
+
+    def log_conversion(self, trainer: Trainer, plugin: QLoRAPlugin) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and plugin.summary is not None:
+            for logger in trainer.loggers:  # the conversion summary, once per fit, as metrics
+                logger.log_metrics(plugin.summary.as_metrics(), step=trainer.global_step)
+
+    @override
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        super().setup_optimizers(trainer)  # type: ignore[misc]
+        if any(isinstance(o, OptimizerInBackward) for o in self.optimizers):
+            self._check_optimizer_in_backward(trainer)
+
+    def _check_optimizer_in_backward(self, trainer: Trainer) -> None:
+        problems = []
+        if trainer.gradient_clip_val:
+            problems.append(
+                f"gradient_clip_val={trainer.gradient_clip_val} needs every gradient at once; set it to None"
+            )
+        if trainer.accumulate_grad_batches > 1:
+            problems.append(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} needs the gradients kept across batches; "
+                "use a larger batch instead"
+            )
+        if not self.supports_optimizer_in_backward:
+            problems.append(
+                f"strategy={self.strategy_name!r} reduces gradients across ranks after backward, too late for a step "
+                "taken inside it; use strategy='qlora'"
+            )
+        if problems:
+            raise ValueError(
+                "OptimizerInBackward steps the adapters inside the backward pass and frees their gradients at once, so: "
+                + "; ".join(problems) + ". Or use a plain optimizer."
+            )
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with explain_out_of_memory(self, "the forward pass"):
+            return super().training_step(*args, **kwargs)  # type: ignore[misc]
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with explain_out_of_memory(self, "the backward pass"):
+            return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        assert self.lightning_module is not None
+        return trainable_state_dict(self.lightning_module)
+
+    @override
+    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        assert self.lightning_module is not None
+        load_trainable_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
+
+
+_warned_cpu = False
+
+
+def _warn_cpu_once() -> None:
+    global _warned_cpu
+    if _warned_cpu:
+        return
+    _warned_cpu = True
+    rank_zero_warn(
+        "QLoRA is running on the CPU (no GPU requested or none found): bitsandbytes' CPU kernels work but are slow; "
+        "fine for small models such as SmolLM2-135M. Pass accelerator='gpu' on a machine with CUDA."
+    )

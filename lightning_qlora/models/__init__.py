@@ -1,6 +1,0 @@
-"""LightningModules and pretrained-model loading for the default job."""
-
-from lightning_qlora.models.causal_lm import CausalLMFineTune
-from lightning_qlora.models.pretrained import DEFAULT_MODEL, PretrainedUnavailableError, resolve_pretrained
-
-__all__ = ["CausalLMFineTune", "DEFAULT_MODEL", "PretrainedUnavailableError", "resolve_pretrained"]

@@ -1,0 +1,107 @@
+"""Walking a model: its linear layers, its transformer blocks, adapter names and name matching.
+
+One home for the small questions every layer of the library asks about a model ("which linears?", "does this name
+match that target?", "is this tensor an adapter's?", "where are the transformer blocks?"). Plain torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+from torch import nn
+
+# The adapter's own submodules (PEFT's names): never part of the base, never quantized.
+ADAPTER_MODULE_NAMES = frozenset({"lora_A", "lora_B"})
+# Every trainable adapter tensor is under one of these names (the DoRA magnitude is a bare parameter).
+ADAPTER_PARAMETER_NAMES = ADAPTER_MODULE_NAMES | {"lora_magnitude_vector"}
+# The attribute under which an adapter wrapper keeps the layer it wraps (PEFT's name).
+BASE_LAYER = "base_layer"
+
+
+def name_matches(name: str, target: str) -> bool:
+    """``name`` is ``target`` or ends with ``"." + target`` (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``)."""
+    return name == target or name.endswith("." + target)
+
+
+def matches_any(name: str, targets: Iterable[str]) -> bool:
+    """:func:`name_matches` for any of ``targets`` (how ``skip_modules`` and list ``target_modules`` match)."""
+    return any(name_matches(name, target) for target in targets)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """True for an adapter tensor's qualified name: ``...lora_A.weight``, ``...lora_B.weight`` or DoRA's
+    ``...lora_magnitude_vector``."""
+    return any(part in ADAPTER_PARAMETER_NAMES for part in name.split("."))
+
+
+def strip_base_layer(name: str) -> str:
+    """The name a wrapped layer had before an adapter was injected around it (``x.base_layer`` -> ``x``)."""
+    suffix = "." + BASE_LAYER
+    return name[: -len(suffix)] if name.endswith(suffix) else name
+
+
+def iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """Yield ``(qualified_name, module)`` for every ``nn.Linear`` of the base model (4-bit ones included).
+
+    The adapter matrices (``lora_A``/``lora_B``) are not part of the base and are never yielded.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] not in ADAPTER_MODULE_NAMES:
+            yield name, module
+
+
+def base_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The base model's linears as ``(name, module)``, named as before any adapter was injected."""
+    return [(strip_base_layer(name), module) for name, module in iter_linears(model)]
+
+
+def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted path ``name`` inside ``root``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def find_blocks(root: nn.Module, class_names: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The model's transformer blocks as ``(qualified_name, module)``: the unit the recipe converts, FSDP shards,
+    calibration runs and ``torch.compile`` compiles, one at a time.
+
+    Args:
+        root: the model.
+        class_names: class names of the blocks (e.g. ``["LlamaDecoderLayer"]``). ``None``: every element of the
+            model's longest ``nn.ModuleList`` that holds a linear layer.
+
+    Raises:
+        ValueError: when ``class_names`` match no module, listing the model's module classes.
+    """
+    if class_names:
+        wanted = set(class_names)
+        blocks = [(n, m) for n, m in root.named_modules() if n and type(m).__name__ in wanted]
+        if not blocks:
+            found = sorted({type(m).__name__ for _, m in root.named_modules()})
+            raise ValueError(
+                f"shard_modules={list(class_names)} matches no module of {type(root).__name__}. Module classes in "
+                f"this model: {found[:20]}."
+            )
+        return blocks
+    lists = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        return []
+    list_name, longest = max(lists, key=lambda item: len(item[1]))
+    return [
+        (f"{list_name}.{i}", block)
+        for i, block in enumerate(longest)
+        if any(isinstance(m, nn.Linear) for m in block.modules())
+    ]
+
+
+def adapter_root(module: nn.Module) -> nn.Module:
+    """The model that adapter and target names are relative to.
+
+    For a LightningModule (anything with a ``training_step``) that holds its network in ``.model``, that network;
+    otherwise ``module`` itself. A transformers model is its own root even though it has a ``.model`` attribute.
+    """
+    inner = getattr(module, "model", None)
+    if isinstance(inner, nn.Module) and callable(getattr(module, "training_step", None)):
+        return inner
+    return module

@@ -1,0 +1,1 @@
+"""Command-line tools: ``lightning-qlora-export`` (merge and export) and ``lightning-qlora-report`` (fidelity)."""
