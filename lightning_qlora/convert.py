@@ -23,6 +23,7 @@ from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.lora.inject import target_names, wrap_linears
 from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.modules import find_blocks, is_adapter_parameter, replace_submodule
+from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR
 from lightning_qlora.quant.quantize import CALIBRATION_ATTR, LinearQuantizer, QuantizationReport, require_linears
 from lightning_qlora.quant.weight import has_quantized_linears, is_packed, is_quantized_linear, quant_state_of
 
@@ -136,7 +137,8 @@ def iter_converted_blocks(
     linears = require_linears(model)
     dtype = quant.torch_compute_dtype
     target = torch.device(device) if device is not None else None
-    converted_before = any(is_quantized_linear(m) for _, m in linears)
+    # Quantized here before (a fingerprint was recorded: e.g. validate() then fit()) or elsewhere (4-bit layers).
+    converted_before = hasattr(model, WEIGHTS_HASH_ATTR) or any(is_quantized_linear(m) for _, m in linears)
     # Targets are chosen and checked over the whole model before anything is converted.
     targets = target_names(model, lora, quant.skip_modules) if lora is not None else []
     rounded = calibration.rounded if calibration is not None else {}
@@ -160,9 +162,11 @@ def iter_converted_blocks(
         quantized = []
         for name in [n for n in pending if owner[n] == piece_name]:
             linear = pending.pop(name)
+            if converted_before:
+                continue  # converted (and fingerprinted) by an earlier call, or quantized elsewhere
             if quantizer.skips(name):
                 quantizer.keep(name, linear)
-            elif not converted_before:
+            else:
                 replace_submodule(model, name, quantizer.convert(name, linear))
                 quantized.append(name)
         _materialize_meta(piece, target)

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _compose(overrides):
-    with initialize_config_module(config_module="lightning_qlora.conf", version_base="1.3"):
+    with initialize_config_module(config_module="lightning_qlora.app.conf", version_base="1.3"):
         return compose(config_name="config", overrides=["run_dir=/tmp/unused", *overrides])
 
 
@@ -189,8 +189,8 @@ def test_config_files_ship_inside_the_wheel(tmp_path):
     )
     wheel = next(tmp_path.glob("lightning_qlora-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("lightning_qlora/conf/config.yaml", "lightning_qlora/conf/quant/nf4.yaml",
-                     "lightning_qlora/conf/experiment/smoke.yaml", "lightning_qlora/conf/__init__.py"):
+    for required in ("lightning_qlora/app/conf/config.yaml", "lightning_qlora/app/conf/quant/nf4.yaml",
+                     "lightning_qlora/app/conf/experiment/smoke.yaml", "lightning_qlora/app/conf/__init__.py"):
         assert required in names
 
 

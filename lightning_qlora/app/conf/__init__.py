@@ -1,1 +1,1 @@
-"""Hydra configuration shipped inside the package (found as pkg://lightning_qlora.conf)."""
+"""Hydra configuration shipped inside the package (found as pkg://lightning_qlora.app.conf)."""
