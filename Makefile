@@ -1,6 +1,6 @@
 # One-command set-up on a fresh machine (Python 3.11, pip reaching PyPI; Debian's apt for the Jargon File).
 #   make run    installs everything into .venv, then runs the default job (lightning-qlora; ARGS="..." for overrides)
-#   make test   installs everything into .venv, then runs the test suite
+#   make test   installs everything into .venv, runs the lint and type gate (make lint), then the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 SOURCES := pyproject.toml $(shell find lightning_qlora -name '*.py' -o -name '*.yaml')
 
-.PHONY: setup run test clean
+.PHONY: setup run lint test clean
 
 setup: $(VENV)/.installed
 
@@ -27,7 +27,12 @@ $(VENV)/.installed: $(SOURCES)
 run: setup
 	$(BIN)/lightning-qlora $(ARGS)
 
-test: setup
+# The gate before the tests: ruff (Lightning's rule families + bugbear) and mypy on the package, ~15 s.
+lint: setup
+	$(BIN)/ruff check lightning_qlora
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 clean:

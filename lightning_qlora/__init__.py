@@ -51,7 +51,39 @@ _EXPORTS: dict[str, str] = {
     "unmerge_lora": "lightning_qlora.lora",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AdamW8bit",
+    "AdapterCheckpoint",
+    "CalibrationError",
+    "CalibrationResult",
+    "ConfigError",
+    "ConversionSummary",
+    "ErrorCorrectingInit",
+    "LoRAConfig",
+    "LoRALinear",
+    "OptimizerInBackward",
+    "PeakMemoryMonitor",
+    "QLoRADDPStrategy",
+    "QLoRAError",
+    "QLoRAFSDPStrategy",
+    "QLoRAPlugin",
+    "QLoRAStrategy",
+    "QuantConfig",
+    "QuantStorageMismatchError",
+    "QuantizationReport",
+    "calibrate",
+    "calibrated_weights",
+    "convert_model",
+    "inject_lora",
+    "iter_converted_blocks",
+    "load_adapter",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "merge_lora",
+    "quantize_model",
+    "save_adapter",
+    "unmerge_lora",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -83,8 +115,13 @@ def _register_strategies() -> None:
 _register_strategies()
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
-    from lightning_qlora.calibration import CalibrationError, CalibrationResult, ErrorCorrectingInit, calibrate
-    from lightning_qlora.calibration import calibrated_weights
+    from lightning_qlora.calibration import (
+        CalibrationError,
+        CalibrationResult,
+        ErrorCorrectingInit,
+        calibrate,
+        calibrated_weights,
+    )
     from lightning_qlora.config import ConfigError, LoRAConfig, QuantConfig
     from lightning_qlora.convert import ConversionSummary, convert_model, iter_converted_blocks
     from lightning_qlora.errors import QLoRAError

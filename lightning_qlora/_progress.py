@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -11,9 +11,11 @@ T = TypeVar("T")
 MIN_ITEMS_FOR_PROGRESS = 64
 
 
-def progress_bar(items: Iterable[T], show: bool | None, desc: str, unit: str = "layer", total: int | None = None) -> Any:
+def progress_bar(
+    items: Iterable[T], show: bool | None, desc: str, unit: str = "layer", total: int | None = None
+) -> Any:
     """``items`` wrapped in a tqdm bar when ``show`` (``None``: when there are at least 64 of them)."""
-    count = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    count = total if total is not None else (len(items) if isinstance(items, Sized) else None)
     if show is None:
         show = count is not None and count >= MIN_ITEMS_FOR_PROGRESS
     if not show:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
+
 from lightning_qlora.errors import QLoRAError
 
 QuantType = Literal["nf4", "fp4", "none"]
@@ -103,7 +104,9 @@ class QuantConfig:
         if not isinstance(self.double_quant, bool):
             problems.append(f"double_quant={self.double_quant!r} must be a bool (True or False).")
         if not _is_one_of(self.compute_dtype, COMPUTE_DTYPES):
-            problems.append(f"compute_dtype={self.compute_dtype!r} is not supported. Use one of {list(COMPUTE_DTYPES)}.")
+            problems.append(
+                f"compute_dtype={self.compute_dtype!r} is not supported. Use one of {list(COMPUTE_DTYPES)}."
+            )
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int):
             problems.append(f"blocksize={self.blocksize!r} must be an int, one of {list(SUPPORTED_BLOCKSIZES)}.")
         elif self.blocksize not in SUPPORTED_BLOCKSIZES:
@@ -123,8 +126,9 @@ class QuantConfig:
             )
         elif self.calibration != "none" and not self.quantized:
             problems.append(f"calibration={self.calibration!r} needs a 4-bit quant_type, not {self.quant_type!r}.")
-        if isinstance(self.calibration_samples, bool) or not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
-            problems.append(f"calibration_samples={self.calibration_samples!r} must be a positive int (256 is a good start).")
+        samples = self.calibration_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            problems.append(f"calibration_samples={samples!r} must be a positive int (256 is a good start).")
         if problems:
             raise ConfigError("QuantConfig", problems)
 
@@ -149,10 +153,7 @@ class QuantConfig:
         """
         if not self.quantized:
             return float(torch.finfo(self.torch_compute_dtype).bits)
-        if self.double_quant:
-            constants = 8 / self.blocksize + 32 / (self.blocksize * 256)
-        else:
-            constants = 32 / self.blocksize
+        constants = 8 / self.blocksize + 32 / (self.blocksize * 256) if self.double_quant else 32 / self.blocksize
         return round(4 + constants, 3)
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,7 +207,9 @@ class LoRAConfig:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
             problems.append(f"alpha={self.alpha!r} must be a positive number, e.g. 16 or 32.")
         elif not math.isfinite(self.alpha) or self.alpha <= 0:
-            problems.append(f"alpha={self.alpha} must be a finite number > 0 (the scaling is alpha / r), e.g. 16 or 32.")
+            problems.append(
+                f"alpha={self.alpha} must be a finite number > 0 (the scaling is alpha / r), e.g. 16 or 32."
+            )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             problems.append(f"dropout={self.dropout!r} must be a number in [0, 1), e.g. 0.05.")
         elif not (0.0 <= self.dropout < 1.0):
@@ -233,8 +236,8 @@ class LoRAConfig:
                 re.compile(target)
             except re.error as err:
                 return [
-                    f"target_modules={target!r} is not a valid regular expression ({err}). Use 'all-linear', "
-                    "a list of names such as ['q_proj', 'v_proj'], or a valid full-match regex."
+                    (f"target_modules={target!r} is not a valid regular expression ({err}). Use 'all-linear', "
+                    "a list of names such as ['q_proj', 'v_proj'], or a valid full-match regex.")
                 ]
             return []
         if isinstance(target, Sequence) or _is_listlike(target):
@@ -242,14 +245,14 @@ class LoRAConfig:
             bad = [n for n in names if not isinstance(n, str) or not n]
             if bad or not names:
                 return [
-                    f"target_modules={names!r} must be 'all-linear', a regex string, or a non-empty list of "
-                    "non-empty module names such as ['q_proj', 'v_proj']."
+                    (f"target_modules={names!r} must be 'all-linear', a regex string, or a non-empty list of "
+                    "non-empty module names such as ['q_proj', 'v_proj'].")
                 ]
             self.target_modules = tuple(names)
             return []
         return [
-            f"target_modules={target!r} has type {type(target).__name__}; use 'all-linear', a regex string, "
-            "or a list of module names such as ['q_proj', 'v_proj']."
+            (f"target_modules={target!r} has type {type(target).__name__}; use 'all-linear', a regex string, "
+            "or a list of module names such as ['q_proj', 'v_proj'].")
         ]
 
     @property
@@ -281,4 +284,4 @@ def _as_str_tuple(value: Any) -> tuple[str, ...] | None:
     return None
 
 
-__all__ = ["ALL_LINEAR", "ConfigError", "LoRAConfig", "QuantConfig", "SUPPORTED_BLOCKSIZES"]
+__all__ = ["ALL_LINEAR", "SUPPORTED_BLOCKSIZES", "ConfigError", "LoRAConfig", "QuantConfig"]

@@ -25,7 +25,7 @@ from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.modules import find_blocks, is_adapter_parameter, replace_submodule
 from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR
 from lightning_qlora.quant.quantize import CALIBRATION_ATTR, LinearQuantizer, QuantizationReport, require_linears
-from lightning_qlora.quant.weight import has_quantized_linears, is_packed, is_quantized_linear, quant_state_of
+from lightning_qlora.quant.weight import is_packed, is_quantized_linear, quant_state_of
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,8 @@ def convert_model(
 
 def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
     """Store the frozen non-linear weights (embeddings, norms, a skipped head) in the compute dtype: kept in fp32
-    they would cost as much memory as the whole 4-bit base of a small model. Adapters and packed bytes are kept."""
+    they would cost as much memory as the whole 4-bit base of a small model. Adapters and packed bytes are kept.
+    """
     for name, param in model.named_parameters():
         if is_adapter_parameter(name) or param.is_meta or not param.is_floating_point() or param.dtype == dtype:
             continue
@@ -227,7 +228,8 @@ def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
 
 def logical_param_count(module: nn.Module) -> int:
     """Parameters as the model has them: a packed 4-bit weight (two values per byte, possibly sharded by FSDP)
-    counts as its logical ``out x in`` shape; tied weights count once."""
+    counts as its logical ``out x in`` shape; tied weights count once.
+    """
     total, seen = 0, set()
     for sub in module.modules():
         for name, param in sub.named_parameters(recurse=False):

@@ -19,7 +19,9 @@ BASE_LAYER = "base_layer"
 
 
 def name_matches(name: str, target: str) -> bool:
-    """``name`` is ``target`` or ends with ``"." + target`` (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``)."""
+    """``name`` is ``target`` or ends with ``"." + target``: ``"q_proj"`` matches
+    ``"model.layers.0.self_attn.q_proj"``.
+    """
     return name == target or name.endswith("." + target)
 
 
@@ -30,7 +32,8 @@ def matches_any(name: str, targets: Iterable[str]) -> bool:
 
 def is_adapter_parameter(name: str) -> bool:
     """True for an adapter tensor's qualified name: ``...lora_A.weight``, ``...lora_B.weight`` or DoRA's
-    ``...lora_magnitude_vector``."""
+    ``...lora_magnitude_vector``.
+    """
     return any(part in ADAPTER_PARAMETER_NAMES for part in name.split("."))
 
 
@@ -50,7 +53,7 @@ def iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
             yield name, module
 
 
-def base_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def base_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The base model's linears as ``(name, module)``, named as before any adapter was injected."""
     return [(strip_base_layer(name), module) for name, module in iter_linears(model)]
 

@@ -9,7 +9,7 @@ that and refuses otherwise.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from torch import nn
 from lightning_qlora.errors import QLoRAError
 from lightning_qlora.modules import find_blocks, iter_linears
 from lightning_qlora.quant.weight import is_quantized_linear
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 class QuantStorageMismatchError(QLoRAError, ValueError):
@@ -72,7 +75,8 @@ def shard_model(
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
 ) -> list[str]:
-    """:func:`shard_unit` each unit (default: the transformer blocks, :func:`~lightning_qlora.modules.find_blocks`) not sharded yet, then ``root``; returns the names
+    """:func:`shard_unit` each unit (default: the transformer blocks, :func:`~lightning_qlora.modules.find_blocks`)
+    not sharded yet, then ``root``; returns the names
     of the units it sharded. Calling it on an already sharded model does nothing.
     """
     from torch.distributed.fsdp import FSDPModule
@@ -90,7 +94,7 @@ def shard_model(
     return done
 
 
-def is_sharded(tensor: torch.Tensor) -> bool:
+def is_sharded(tensor: torch.Tensor) -> TypeGuard[DTensor]:
     """True for a DTensor (an FSDP2-sharded parameter)."""
     from torch.distributed.tensor import DTensor
 
@@ -109,7 +113,8 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 def distribute_like(target: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     """``whole`` laid out like ``target``: for a sharded ``target`` a DTensor with its mesh and placements, each rank
-    keeping its own shard (every rank passes the same ``whole``: no communication); else ``whole`` itself."""
+    keeping its own shard (every rank passes the same ``whole``: no communication); else ``whole`` itself.
+    """
     if not is_sharded(target):
         return whole
     from torch.distributed.tensor import distribute_tensor

@@ -21,11 +21,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_qlora import AdapterCheckpoint, LoRAConfig, QLoRAPlugin, QuantConfig
+from lightning_qlora.lora import trainable_state_dict
+from lightning_qlora.modules import iter_linears
 from lightning_qlora.optim.adamw8bit import AdamW8bit
 from lightning_qlora.quant import is_quantized_linear
-from lightning_qlora.modules import iter_linears
 from lightning_qlora.sharding import is_sharded
-from lightning_qlora.lora import trainable_state_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import CausalLMModule, token_loader  # noqa: E402

@@ -12,11 +12,11 @@ from helpers import assert_merge_round_trip, llama
 from torch import nn
 
 from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig, load_adapter, save_adapter
-from lightning_qlora.lora.peft_format import AdapterFormatError, read_adapter_metadata
-from lightning_qlora.tools.export import export_merged
-from lightning_qlora.quant.fingerprint import FingerprintMismatchError
 from lightning_qlora.lora import LoRALinear, iter_lora_layers, merge_lora, unmerge_lora
+from lightning_qlora.lora.peft_format import AdapterFormatError, read_adapter_metadata
 from lightning_qlora.quant import is_quantized_linear, packed_bytes
+from lightning_qlora.quant.fingerprint import FingerprintMismatchError
+from lightning_qlora.tools.export import export_merged
 
 FP32_NONE = QuantConfig(quant_type="none", compute_dtype="fp32")
 

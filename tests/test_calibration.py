@@ -9,15 +9,15 @@ import os
 import bitsandbytes as bnb
 import pytest
 import torch
+from helpers import TokenDataModule, TokenIdsModule, fast_trainer, token_loader
 from torch import nn
 
-from helpers import TokenDataModule, TokenIdsModule, fast_trainer, token_loader
 from lightning_qlora import QLoRAPlugin, QuantConfig
-from lightning_qlora.lora.peft_format import load_adapter, read_adapter_metadata, save_adapter
 from lightning_qlora.calibration import CalibrationError, calibrated_weights, gptq_round
 from lightning_qlora.config import ConfigError
-from lightning_qlora.quant import dequantize_weight, packed_bytes, quantize_model
+from lightning_qlora.lora.peft_format import load_adapter, read_adapter_metadata, save_adapter
 from lightning_qlora.modules import iter_linears
+from lightning_qlora.quant import dequantize_weight, packed_bytes, quantize_model
 
 
 def _correlated_inputs(features: int, tokens: int = 4096, seed: int = 0) -> torch.Tensor:

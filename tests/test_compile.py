@@ -8,17 +8,16 @@ import functools
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 from functorch.compile import make_boxed_func
+from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch.utils.checkpoint import checkpoint
 
 from lightning_qlora import LoRAConfig, QuantConfig, inject_lora, mark_only_lora_as_trainable, quantize_model
 from lightning_qlora.kernels import compile_blocks
 from lightning_qlora.lora import iter_lora_layers
 from lightning_qlora.quant import is_quantized_linear
-
 
 
 def _run_as_traced(graph_module, example_inputs):

@@ -2,7 +2,14 @@ import json
 
 import pytest
 
-from lightning_qlora.app.data import DataFormatError, Example, InstructionDataModule, load_jargon, load_jsonl, parse_jargon
+from lightning_qlora.app.data import (
+    DataFormatError,
+    Example,
+    InstructionDataModule,
+    load_jargon,
+    load_jsonl,
+    parse_jargon,
+)
 from lightning_qlora.app.data.examples import split_held_out
 from lightning_qlora.app.data.tokenize import IGNORE_INDEX, collate, tokenize_examples
 

@@ -15,10 +15,10 @@ from torch import nn
 
 from lightning_qlora import AdapterCheckpoint, ConfigError, LoRAConfig, QLoRAPlugin, QuantConfig, load_adapter
 from lightning_qlora._imports import BitsandbytesUnavailableError, import_bitsandbytes
+from lightning_qlora.app.tracking import wandb_mode
 from lightning_qlora.lightning.callbacks import NoAdapterGradientError, NonFiniteLossError, TrainingGuard
 from lightning_qlora.lightning.checkpoint_io import AtomicCheckpointIO, CheckpointLoadError
 from lightning_qlora.lora import LoRALinear
-from lightning_qlora.app.tracking import wandb_mode
 
 
 class PoisonedModule(RegressionModule):

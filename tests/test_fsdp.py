@@ -16,11 +16,10 @@ from safetensors.torch import load_file
 
 from lightning_qlora import QLoRAPlugin, QuantConfig
 from lightning_qlora.config import ConfigError
-from lightning_qlora.lora import LoRALinear
-from lightning_qlora.quant import dequantize_weight, is_quantized_linear, quantize_model
-from lightning_qlora.modules import iter_linears
 from lightning_qlora.lightning.strategies.fsdp import QLoRAFSDPStrategy, resolve_quant_storage_for_fsdp
-from lightning_qlora.modules import find_blocks
+from lightning_qlora.lora import LoRALinear
+from lightning_qlora.modules import find_blocks, iter_linears
+from lightning_qlora.quant import dequantize_weight, is_quantized_linear, quantize_model
 from lightning_qlora.sharding import QuantStorageMismatchError, check_quant_storage
 
 WORKER = Path(__file__).with_name("parallel_worker.py")

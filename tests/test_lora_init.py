@@ -7,15 +7,15 @@ import copy
 
 import pytest
 import torch
+from helpers import TokenDataModule, TokenIdsModule, fast_trainer, token_loader
 from lightning.pytorch import Callback
 from torch import nn
 
-from helpers import TokenDataModule, TokenIdsModule, fast_trainer, token_loader
 from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig
 from lightning_qlora.calibration import calibrated_weights
+from lightning_qlora.calibration.cloq import ErrorCorrectingInit, error_correcting_factors
 from lightning_qlora.config import ConfigError
 from lightning_qlora.lora import LoRALinear, inject_lora, iter_lora_layers
-from lightning_qlora.calibration.cloq import ErrorCorrectingInit, error_correcting_factors
 from lightning_qlora.quant import dequantize_weight, quantize_model, stored_weight
 
 

@@ -6,10 +6,17 @@ import copy
 
 import pytest
 import torch
+from helpers import CausalLMModule, RegressionModule, fast_trainer, regression_loader, token_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers import CausalLMModule, RegressionModule, fast_trainer, regression_loader, token_loader
-from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig, inject_lora, mark_only_lora_as_trainable, quantize_model
+from lightning_qlora import (
+    LoRAConfig,
+    QLoRAPlugin,
+    QuantConfig,
+    inject_lora,
+    mark_only_lora_as_trainable,
+    quantize_model,
+)
 from lightning_qlora.lightning.callbacks import NoAdapterGradientError, TrainingGuard
 from lightning_qlora.lora import lora_state_dict
 from lightning_qlora.optim.in_backward import OptimizerInBackward

@@ -11,12 +11,12 @@ own path: calibrated_weights -> quantize_model -> inject_lora -> ErrorCorrecting
 import sys
 import time
 
-from lightning_qlora.calibration import calibrated_weights
-from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.app.data import InstructionDataModule
-from lightning_qlora.lora import inject_lora
-from lightning_qlora.calibration.cloq import ErrorCorrectingInit
 from lightning_qlora.app.models.pretrained import load_causal_lm, resolve_pretrained
+from lightning_qlora.calibration import calibrated_weights
+from lightning_qlora.calibration.cloq import ErrorCorrectingInit
+from lightning_qlora.config import LoRAConfig, QuantConfig
+from lightning_qlora.lora import inject_lora
 from lightning_qlora.quant import quantize_model
 from lightning_qlora.tools.report import _perplexity
 

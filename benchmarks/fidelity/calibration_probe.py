@@ -11,9 +11,9 @@ import sys
 import time
 
 import lightning_qlora.calibration.statistics as calibration
-from lightning_qlora.config import QuantConfig
 from lightning_qlora.app.data import InstructionDataModule
 from lightning_qlora.app.models.pretrained import load_causal_lm, resolve_pretrained
+from lightning_qlora.config import QuantConfig
 from lightning_qlora.quant import quantize_model
 from lightning_qlora.tools.report import _perplexity
 

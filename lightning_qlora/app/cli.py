@@ -1,8 +1,8 @@
 """``lightning-qlora``: the Hydra app that runs a QLoRA fine-tune from ``conf/`` (the default job needs no network).
 
-    lightning-qlora                                         # SmolLM2-135M-Instruct on the Jargon File, offline
-    lightning-qlora lora.r=64 quant.quant_type=fp4 trainer.max_steps=50 logger=csv
-    lightning-qlora -m lora.r=4,8                           # a sweep, one run directory per value
+lightning-qlora                                         # SmolLM2-135M-Instruct on the Jargon File, offline
+lightning-qlora lora.r=64 quant.quant_type=fp4 trainer.max_steps=50 logger=csv
+lightning-qlora -m lora.r=4,8                           # a sweep, one run directory per value
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def main(cfg: DictConfig) -> float:
 
 def _compile_setting(value: Any) -> Any:
     """The app's ``compile`` value for ``QLoRAPlugin(compile=...)``: false/true, a torch.compile mode name, or a
-    mapping of torch.compile arguments (the plugin refuses anything else, listing the modes)."""
+    mapping of torch.compile arguments (the plugin refuses anything else, listing the modes).
+    """
     if isinstance(value, DictConfig):
         return OmegaConf.to_container(value, resolve=True)
     return False if value is None else value
@@ -43,10 +44,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch import seed_everything
 
-    from lightning_qlora.lora.peft_format import adapter_state_dict, save_adapter
-    from lightning_qlora.lightning.callbacks import AdapterCheckpoint, PeakMemoryMonitor, TrainingCurves
     from lightning_qlora.app.models.pretrained import resolve_pretrained
+    from lightning_qlora.lightning.callbacks import AdapterCheckpoint, PeakMemoryMonitor, TrainingCurves
     from lightning_qlora.lightning.plugin import QLoRAPlugin
+    from lightning_qlora.lora.peft_format import adapter_state_dict, save_adapter
 
     # Validate the cheap things before loading anything: a bad LoRA/quant value fails here, in a second.
     quant = instantiate(cfg.quant)
@@ -59,7 +60,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, tokenizer_path=model_path)
     module = instantiate(cfg.model, name_or_path=model_path)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger: Any = instantiate(cfg.logger) if cfg.get("logger") else False
     plugin = QLoRAPlugin(quant=quant, lora=lora, compile=_compile_setting(cfg.get("compile", False)))
     trainer = instantiate(cfg.trainer, plugins=[plugin], callbacks=callbacks, logger=logger)
     if logger:
@@ -107,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         training_curves=str(curves.path) if curves and curves.path and curves.path.exists() else None,
         answers=[
             {"prompt": s.prompt, "reference": s.response, "before": b, "after": a}
-            for s, b, a in zip(samples, before, after)
+            for s, b, a in zip(samples, before, after, strict=False)
         ],
     )
     if not trainer.is_global_zero:

@@ -9,6 +9,8 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning_qlora._imports import require
+
 log = logging.getLogger(__name__)
 
 WANDB_HOST = "api.wandb.ai"
@@ -47,15 +49,14 @@ def wandb_logger(
         mode: ``auto`` (online with an API key and network, else offline), ``online``, ``offline`` or ``disabled``.
         log_model: passed to ``WandbLogger`` (the CLI logs the adapter as an artifact itself).
         tags: run tags.
+        **kwargs: passed to Lightning's ``WandbLogger``.
 
     Raises:
-        ImportError: when wandb is not installed, with the install command.
+        MissingDependencyError: when wandb is not installed, with the install command.
     """
-    try:
-        import wandb
-        from lightning.pytorch.loggers import WandbLogger
-    except ImportError as err:
-        raise ImportError(f"The W&B logger needs wandb ({err}). Install it with: pip install wandb, or use logger=csv.") from err
+    wandb = require("wandb", "The W&B logger (logger=wandb; logger=csv needs nothing more)")
+    from lightning.pytorch.loggers import WandbLogger
+
     resolved = wandb_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     settings = wandb.Settings(init_timeout=60, silent=True, console="off")

@@ -38,13 +38,14 @@ def error_correcting_factors(
     scaling: float,
     damping: float = CLOQ_DAMPING,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lora_A, lora_B)`` (``rank x in`` and ``out x rank``, fp32) with ``scaling * lora_B @ lora_A`` the rank-``rank``
-    matrix ``M`` that minimizes ``tr((W - W_q - M) H (W - W_q - M)^T)``, the output error on inputs with second moment
-    ``hessian``.
+    """``(lora_A, lora_B)`` (``rank x in`` and ``out x rank``, fp32) with ``scaling * lora_B @ lora_A`` the
+    rank-``rank`` matrix ``M`` that minimizes ``tr((W - W_q - M) H (W - W_q - M)^T)``, the output error on inputs
+    with second moment ``hessian``.
 
     Args:
         weight: the full-precision weight ``W`` (``out x in``).
-        stored: what the quantized layer computes with, ``W_q`` (e.g. :func:`lightning_qlora.quant.weight.stored_weight`).
+        stored: what the quantized layer computes with, ``W_q``
+            (e.g. :func:`lightning_qlora.quant.weight.stored_weight`).
         hessian: ``in x in`` second moment of the layer's inputs; all zeros means "no information": plain SVD.
         rank: the adapter rank. Ranks beyond ``min(out, in)`` get zero ``B`` columns (and Kaiming ``A`` rows).
         scaling: the adapter's output scale (``alpha / r``).
@@ -78,7 +79,8 @@ def _factors(
 
 def statistics_factor(hessian: torch.Tensor, damping: float = CLOQ_DAMPING) -> torch.Tensor:
     """The lower Cholesky factor ``L`` (fp64) of the damped ``hessian`` (``H + damping * mean(diag H) * I = L L^T``;
-    the identity for an all-zero one). A factor that fails gets ten times more damping, up to three times."""
+    the identity for an all-zero one). A factor that fails gets ten times more damping, up to three times.
+    """
     h = hessian.detach().double()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean = h.diagonal().mean()
@@ -119,7 +121,8 @@ class ErrorCorrectingInit:
 
     def apply(self, model: nn.Module) -> list[str]:
         """Set the collected factors into ``model``'s adapters (names relative to the model calibrated); returns the
-        names set. Adapters without factors (linears outside the calibrated blocks) keep the default init."""
+        names set. Adapters without factors (linears outside the calibrated blocks) keep the default init.
+        """
         applied = []
         for name, layer in iter_lora_layers(model):
             if name in self.factors:

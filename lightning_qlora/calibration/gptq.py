@@ -103,7 +103,8 @@ def gptq_round(
 
 def _upper_inverse_factor(h: torch.Tensor, damping: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``: row i says how the error of column i spreads
-    over the later columns. A Hessian too ill-conditioned for ``damping`` gets ten times more, up to three times."""
+    over the later columns. A Hessian too ill-conditioned for ``damping`` gets ten times more, up to three times.
+    """
     mean = h.diagonal().mean()
     for attempt in range(4):
         damped = h.clone()

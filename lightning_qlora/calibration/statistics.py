@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,7 +164,7 @@ def _calibrate_blocks(
                     # Rows are rounded independently given the shared statistics: one pass for all readers of an input.
                     stacked = torch.cat([modules[name].weight for name in names])
                     result = gptq_round(stacked, hessian, config.quant_type, config.blocksize, damping)
-                    for name, part in zip(names, result.split([modules[n].out_features for n in names])):
+                    for name, part in zip(names, result.split([modules[n].out_features for n in names]), strict=False):
                         rounded[name] = part.contiguous()
                     report.layers += len(names)
                 if on_layer is not None:
@@ -225,11 +225,12 @@ def _first_block_inputs(block: nn.Module, batches: list[Any], forward: Callable[
 
 
 def _input_second_moments(
-    block: nn.Module, linears: list[tuple[str, nn.Module]], inputs: list[_BlockInput]
+    block: nn.Module, linears: Sequence[tuple[str, nn.Module]], inputs: list[_BlockInput]
 ) -> tuple[list[tuple[list[str], torch.Tensor, int]], list[_BlockInput]]:
     """Run ``block`` once over ``inputs``. Returns ``[(names, X^T X summed over real tokens, token count)]``, one
     entry per distinct input (q, k and v read the same tensor, as do gate and up: they share one entry), and the
-    block's outputs."""
+    block's outputs.
+    """
     groups: dict[str, list[Any]] = {}  # first reader's name -> [names, sum, tokens]
     owner: dict[str, str] = {}  # every linear's name -> the first reader of its input
     current: dict[str, Any] = {"mask": None, "seen": {}}

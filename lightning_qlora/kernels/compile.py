@@ -65,7 +65,7 @@ def compile_blocks(
             _checkpoint_inside_compiled_region(block, recompute_dequantize, checkpointing)
             block.compile(**compile_kwargs)
     config = getattr(root, "config", None)
-    if getattr(config, "use_cache", False):
+    if config is not None and getattr(config, "use_cache", False):
         # transformers builds a KV cache in every forward by default, training included (checkpointing turns it
         # off, nothing else does). Each block updates its own layer of the cache, and the compiled block guards on
         # that layer's state, so block after block recompiled up to torch.compile's limit (8) and the rest ran
@@ -76,11 +76,12 @@ def compile_blocks(
 
 
 def dequantize_ops() -> frozenset[Any]:
-    """bitsandbytes' dequantize ops (every overload of ``dequantize_4bit`` and ``dequantize_blockwise``, the latter
-    for double-quantized constants); empty when bitsandbytes registered none."""
+    """Bitsandbytes' dequantize ops (every overload of ``dequantize_4bit`` and ``dequantize_blockwise``, the latter
+    for double-quantized constants); empty when bitsandbytes registered none.
+    """
     import_bitsandbytes()  # registers torch.ops.bitsandbytes
 
-    ops = []
+    ops: list[Any] = []
     for name in ("dequantize_4bit", "dequantize_blockwise"):
         packet = getattr(torch.ops.bitsandbytes, name, None)
         if packet is not None:
@@ -108,7 +109,8 @@ CHECKPOINTING = ("must-recompute", "torch-default")
 
 def run_in_place(function: Any, *args: Any) -> Any:
     """What a compiled transformers layer's checkpoint function becomes: it calls ``function`` (the block's own
-    forward checkpoints instead, inside the compiled region)."""
+    forward checkpoints instead, inside the compiled region).
+    """
     return function(*args)
 
 
@@ -117,7 +119,8 @@ _COMPILED_LAYER_CLASSES: dict[type, type] = {}
 
 def _compiled_layer_class(cls: type) -> type:
     """A subclass of a transformers checkpointing layer whose ``_gradient_checkpointing_func`` is always
-    :func:`run_in_place` (what ``gradient_checkpointing_enable`` sets, before or after compiling, is ignored)."""
+    :func:`run_in_place` (what ``gradient_checkpointing_enable`` sets, before or after compiling, is ignored).
+    """
     if cls not in _COMPILED_LAYER_CLASSES:
         hook = property(lambda self: run_in_place, lambda self, value: None)
         _COMPILED_LAYER_CLASSES[cls] = type(cls.__name__, (cls,), {

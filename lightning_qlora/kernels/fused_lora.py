@@ -25,14 +25,15 @@ from torch import nn
 from lightning_qlora.quant.weight import dequantize_weight, is_quantized_linear
 
 
-def base_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def base_weight(base_layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
     """The base weight in ``dtype``, dequantized for a 4-bit layer (a fresh tensor, used and dropped at once)."""
     return dequantize_weight(base_layer).to(dtype)
 
 
 def supports_fused(base_layer: nn.Module, x: torch.Tensor) -> bool:
     """True for a bitsandbytes 4-bit linear fed its compute dtype, or a plain ``nn.Linear`` fed its weight's dtype
-    (the plain path would cast the input otherwise, and the fused path computes in the input's dtype)."""
+    (the plain path would cast the input otherwise, and the fused path computes in the input's dtype).
+    """
     if is_quantized_linear(base_layer):
         return getattr(base_layer, "compute_dtype", None) == x.dtype
     return type(base_layer) is nn.Linear and base_layer.weight.dtype == x.dtype
@@ -45,7 +46,7 @@ class FusedLoRALinear(torch.autograd.Function):
         x: torch.Tensor,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
-        base_layer: nn.Module,
+        base_layer: nn.Linear,
         scaling: float,
         dropout_p: float,
     ) -> torch.Tensor:
@@ -95,7 +96,7 @@ class FusedLoRALinear(torch.autograd.Function):
 
 
 def fused_lora_linear(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base_layer: nn.Module, scaling: float, dropout_p: float
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base_layer: nn.Linear, scaling: float, dropout_p: float
 ) -> torch.Tensor:
     """``base_layer(x) + scaling * lora_b(lora_a(dropout(x)))`` as one autograd node (see the module docstring).
 

@@ -18,7 +18,7 @@ def calibration_batches(trainer: Trainer, samples: int, device: torch.device) ->
     Raises:
         CalibrationError: without a datamodule, or when its training loader cannot be built.
     """
-    datamodule = trainer.datamodule
+    datamodule = getattr(trainer, "datamodule", None)
     if datamodule is None:
         raise CalibrationError(
             "calibration needs training data at set-up: pass a LightningDataModule (trainer.fit(model, datamodule=dm))."

@@ -52,7 +52,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
     @override
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         target = Path(path)
         if not target.is_file():
             raise CheckpointLoadError(f"Checkpoint {target} does not exist.")

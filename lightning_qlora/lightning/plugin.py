@@ -85,7 +85,7 @@ class QLoRAPlugin(Precision):
     def __init__(
         self,
         quant: QuantConfig | None = None,
-        lora: LoRAConfig | None | _Default = DEFAULT,
+        lora: LoRAConfig | _Default | None = DEFAULT,
         compile: bool | str | dict[str, Any] = False,
     ) -> None:
         if isinstance(lora, _Default):
@@ -112,14 +112,16 @@ class QLoRAPlugin(Precision):
     @property
     def needs_calibration(self) -> bool:
         """Whether conversion needs :meth:`calibrate` first: GPTQ-rounded codes (``QuantConfig.calibration``) or
-        error-correcting adapters (``LoRAConfig.init_lora_weights="cloq"``) both come from calibration data."""
+        error-correcting adapters (``LoRAConfig.init_lora_weights="cloq"``) both come from calibration data.
+        """
         return self.quant.calibration != "none" or self._computes_adapter_init()
 
     def restore_adapters_from_checkpoint(self) -> None:
         """Say that the next conversion's adapters will be overwritten from a checkpoint: call it before
         ``trainer.fit(..., ckpt_path=...)`` to skip computing their initial values (``init_lora_weights="cloq"``;
         Lightning restores a checkpoint only after the strategy's set-up, so the plugin cannot tell by itself).
-        GPTQ calibration still runs: the base's codes are not in the checkpoint. Lasts one conversion."""
+        GPTQ calibration still runs: the base's codes are not in the checkpoint. Lasts one conversion.
+        """
         self.adapters_from_checkpoint = True
 
     def _computes_adapter_init(self) -> bool:
@@ -143,13 +145,17 @@ class QLoRAPlugin(Precision):
         (``QuantConfig(calibration="gptq")``) and the error-correcting adapter factors
         (``LoRAConfig(init_lora_weights="cloq")``). Pass the result to :meth:`iter_converted_blocks`. ``module`` (a
         LightningModule or a model) must still be in full precision; ``forward(batch)`` runs it (default:
-        ``module(**batch)`` for a mapping, else ``module(batch)``)."""
+        ``module(**batch)`` for a mapping, else ``module(batch)``).
+        """
         lora = self.lora if self._computes_adapter_init() else None
         result = calibrate(adapter_root(module), batches, self.quant, lora, forward or default_forward(module))
         report = result.report
+        codes = "."
+        if report.layers:
+            codes = f" (GPTQ codes for {report.layers} linears, {report.nearest} rounded to nearest)."
         rank_zero_info(
             f"Calibrated {self.describe_calibration()} on {report.tokens:,} tokens per layer in {report.seconds:.0f} s"
-            + (f" (GPTQ codes for {report.layers} linears, {report.nearest} rounded to nearest)." if report.layers else ".")
+            + codes
         )
         return result
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from lightning_qlora.modules import (
 from lightning_qlora.quant.weight import is_quantized_linear
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig, skip_modules: tuple[str, ...] = ()) -> list[str]:
+def inject_lora(model: nn.Module, config: LoRAConfig, skip_modules: Sequence[str] = ()) -> list[str]:
     """Wrap every targeted linear of ``model`` in a :class:`LoRALinear`, in place.
 
     Args:
@@ -48,7 +48,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, skip_modules: tuple[str, .
     return wrap_linears(model, target_names(model, config, skip_modules), config)
 
 
-def target_names(model: nn.Module, config: LoRAConfig, skip_modules: tuple[str, ...] = ()) -> list[str]:
+def target_names(model: nn.Module, config: LoRAConfig, skip_modules: Sequence[str] = ()) -> list[str]:
     """The qualified names of the linears ``config.target_modules`` selects in ``model`` (adapted ones included,
     by the name they had before), checked over the whole model.
 
@@ -73,13 +73,14 @@ def wrap_linears(model: nn.Module, names: list[str], config: LoRAConfig) -> list
         base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             continue
+        assert isinstance(base, nn.Linear), f"{name} is a {type(base).__name__}, not a linear layer"
         layer = LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora, config.use_dora)
         replace_submodule(model, name, layer)
         adapted.append(name)
     return adapted
 
 
-def select_targets(names: list[str], target_modules: str | tuple[str, ...], all_linear_names: list[str]) -> list[str]:
+def select_targets(names: list[str], target_modules: str | Sequence[str], all_linear_names: list[str]) -> list[str]:
     """The subset of ``names`` selected by ``target_modules`` (see :class:`LoRAConfig`).
 
     Raises:

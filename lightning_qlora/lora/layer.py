@@ -7,6 +7,7 @@ keys map one-to-one onto PEFT's adapter files. Plain torch.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from lightning_qlora.kernels.fused_lora import fused_lora_linear, supports_fused
 from lightning_qlora.quant.weight import (
     dequantize_weight,
     is_quantized_linear,
+    quant_state_of,
     restore_training_layout,
     set_quantized_weight,
 )
@@ -46,7 +48,7 @@ class LoRALinear(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Module,
+        base_layer: nn.Linear,
         r: int,
         lora_alpha: float,
         dropout: float = 0.0,
@@ -54,7 +56,7 @@ class LoRALinear(nn.Module):
         use_dora: bool = False,
     ) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer: nn.Linear = base_layer
         self.in_features: int = base_layer.in_features
         self.out_features: int = base_layer.out_features
         self.r = r
@@ -145,12 +147,12 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if is_quantized_linear(base):
             restore_training_layout(base)
-            self._unmerged_weight = (base.weight, base.quant_state)
+            packed: Any = base.weight  # a bitsandbytes Params4bit
+            self._unmerged_weight: Any = (packed, base.quant_state)
             merged = self.merged_weight(dequantize_weight(base).float())
-            weight = base.weight
             set_quantized_weight(
-                base, merged, weight.quant_type, weight.blocksize, weight.compress_statistics, weight.dtype,
-                dequantize_to=base.quant_state.dtype,
+                base, merged, packed.quant_type, packed.blocksize, packed.compress_statistics, packed.dtype,
+                dequantize_to=quant_state_of(base).dtype,
             )
         else:
             self._unmerged_weight = base.weight.data.clone()
@@ -171,8 +173,9 @@ class LoRALinear(nn.Module):
 
     def initialize_adapter(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         """Start from ``lora_A = lora_a`` and ``lora_B = lora_b`` instead of the default init (e.g. the
-        error-correcting factors of :mod:`lightning_qlora.calibration.cloq`). DoRA's magnitude is reset to the row norms of
-        the adapted weight, so the layer computes ``W + scaling * B @ A`` either way."""
+        error-correcting factors of :mod:`lightning_qlora.calibration.cloq`). DoRA's magnitude is reset to the row
+        norms of the adapted weight, so the layer computes ``W + scaling * B @ A`` either way.
+        """
         with torch.no_grad():
             self.lora_A.weight.copy_(lora_a)
             self.lora_B.weight.copy_(lora_b)
@@ -186,7 +189,8 @@ class LoRALinear(nn.Module):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same function from the dequantized weight with the adapter folded in, in fp32 (eval, no dropout):
-        the reference for tests and parity checks of faster paths."""
+        the reference for tests and parity checks of faster paths.
+        """
         weight = self.merged_weight(dequantize_weight(self.base_layer).float())
         bias = None if self.base_layer.bias is None else self.base_layer.bias.float()
         return nn.functional.linear(x.float(), weight, bias)
@@ -195,6 +199,6 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}{', dora' if self.use_dora else ''}"
 
 
-def _adapter_device(base_layer: nn.Module) -> torch.device:
+def _adapter_device(base_layer: nn.Linear) -> torch.device:
     device = base_layer.weight.device
     return torch.device("cpu") if device.type == "meta" else device

@@ -44,12 +44,15 @@ _METADATA_KEY = "lightning_qlora"
 # adapter_config.json fields PEFT (0.13 - 0.21) writes for LoRA. A field outside this set is refused: it may change
 # what the adapter computes in a way this library would silently ignore.
 KNOWN_PEFT_FIELDS = frozenset(
-    """alora_invocation_tokens alpha_pattern arrow_config auto_mapping base_model_name_or_path bias corda_config
-    ensure_weight_tying eva_config exclude_modules fan_in_fan_out inference_mode init_lora_weights kasa_config
-    layer_replication layers_pattern layers_to_transform loftq_config lora_alpha lora_bias lora_dropout lora_ga_config
-    megatron_config megatron_core modules_to_save monteclora_config peft_type peft_version qalora_group_size r
-    rank_pattern revision runtime_config target_modules target_parameters task_type trainable_token_indices use_bdlora
-    use_dora use_qalora use_rslora velora_config""".split()
+    [
+        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
+        "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
+        "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
+        "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core",
+        "modules_to_save", "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern",
+        "revision", "runtime_config", "target_modules", "target_parameters", "task_type", "trainable_token_indices",
+        "use_bdlora", "use_dora", "use_qalora", "use_rslora", "velora_config",
+    ]
 )
 # Fields that, when set to anything but their default, describe an adapter this library cannot reproduce.
 _UNSUPPORTED_IF_SET = {
@@ -316,7 +319,8 @@ def quantization_settings(root: nn.Module) -> dict[str, Any]:
 
 def _warn_calibration_mismatch(facts: dict[str, Any], root: nn.Module, path: Path) -> None:
     """An adapter learned on a base whose 4-bit codes were calibrated (GPTQ) partly corrects *that* base's rounding;
-    on a base rounded another way it still works, but not exactly as trained."""
+    on a base rounded another way it still works, but not exactly as trained.
+    """
     trained_on = (facts.get("quantization") or {}).get("calibration", "none")
     here = quantization_settings(root).get("calibration", "none")
     if trained_on != here and has_quantized_linears(root):

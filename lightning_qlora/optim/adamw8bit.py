@@ -64,12 +64,12 @@ class AdamW8bit(torch.optim.Optimizer):
             problems.append(f"weight_decay={weight_decay} must be >= 0")
         if problems:
             raise ValueError("AdamW8bit: " + "; ".join(problems) + ".")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.min_8bit_size = min_8bit_size
         self._maps: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def _quantization_maps(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """bitsandbytes' dynamic maps: signed for the first moment, unsigned for the second."""
+        """Bitsandbytes' dynamic maps: signed for the first moment, unsigned for the second."""
         if device not in self._maps:
             functional = import_bitsandbytes().functional
             self._maps[device] = (
@@ -127,7 +127,7 @@ class AdamW8bit(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        """torch AdamW's format: ``step``, and ``exp_avg``/``exp_avg_sq`` in fp32 laid out like each parameter."""
+        """Torch AdamW's format: ``step``, and ``exp_avg``/``exp_avg_sq`` in fp32 laid out like each parameter."""
         saved = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         saved["state"] = {index: self._portable(params[index], state) for index, state in saved["state"].items()}
@@ -135,7 +135,8 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load AdamW8bit's or torch AdamW's state, one parameter at a time (the fp32 moments of one tensor are on the
-        device at once, then re-quantized to 8 bits for large tensors)."""
+        device at once, then re-quantized to 8 bits for large tensors).
+        """
         saved_states = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})  # hyperparameters and the checks on the groups
         params = [p for group in self.param_groups for p in group["params"]]
@@ -146,7 +147,8 @@ class AdamW8bit(torch.optim.Optimizer):
     def gathered_state_dict(self, module: nn.Module) -> dict[str, Any]:
         """The whole state keyed by parameter name (``module.named_parameters()``), each moment gathered and moved to
         the CPU one tensor at a time: the full-state format of FSDP checkpoints, without dequantizing every moment
-        on the device at once. With sharded parameters every rank must call it (the moments are all-gathered)."""
+        on the device at once. With sharded parameters every rank must call it (the moments are all-gathered).
+        """
         names = {id(p): name for name, p in module.named_parameters()}
         states: dict[str, Any] = {}
         groups = []
@@ -163,14 +165,15 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def load_gathered_state_dict(self, module: nn.Module, state_dict: dict[str, Any]) -> None:
         """Load a whole state keyed by parameter name (:meth:`gathered_state_dict`, or any full optimizer state of an
-        AdamW), taking each rank's shard of one tensor at a time."""
+        AdamW), taking each rank's shard of one tensor at a time.
+        """
         params = dict(module.named_parameters())
         if len(state_dict["param_groups"]) != len(self.param_groups):
             raise ValueError(
                 f"The saved optimizer state has {len(state_dict['param_groups'])} parameter group(s), this optimizer "
                 f"{len(self.param_groups)}: was it saved for the same model and configure_optimizers()?"
             )
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=False):
             group.update({k: v for k, v in saved.items() if k != "params"})
         unknown = sorted(set(state_dict["state"]) - set(params))
         if unknown:

@@ -63,7 +63,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self.optimizer_class = optimizer_class
         self.buckets = _buckets(trainable, int(bucket_mb * 2**20))
         self.inner = [optimizer_class(bucket, **defaults) for bucket in self.buckets]
-        self._bucket_of = {p: i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self._bucket_of: dict[torch.Tensor, int] = {p: i for i, bucket in enumerate(self.buckets) for p in bucket}
         self._ready = [0] * len(self.buckets)
         self._skip_next = False
         # While True, the tensors whose gradient was non-zero in the last backward are kept in ``gradients_seen``
@@ -95,9 +95,10 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self._ready[index] = 0
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Runs ``closure`` (the parameters are updated during its backward), then steps the buckets left partly
-        ready (parameters that got no gradient), and returns the closure's result."""
+        ready (parameters that got no gradient), and returns the closure's result.
+        """
         result = None
         self.gradients_seen = set()
         if closure is not None:
@@ -125,9 +126,9 @@ class OptimizerInBackward(torch.optim.Optimizer):
                 f"This OptimizerInBackward state holds {len(inner or [])} bucket states, this optimizer has "
                 f"{len(self.inner)}: it was saved for another model, optimizer or bucket_mb."
             )
-        for optimizer, state in zip(self.inner, inner):
+        for optimizer, state in zip(self.inner, inner, strict=False):
             optimizer.load_state_dict(state)
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=False):
             group.update(saved)
 
     def remove_hooks(self) -> None:

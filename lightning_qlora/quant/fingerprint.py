@@ -9,7 +9,7 @@ with the base it describes; the PEFT format (:mod:`lightning_qlora.lora.peft_for
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +51,7 @@ def weights_digest(named_weights: Iterable[tuple[str, torch.Tensor]]) -> str:
     return digest_samples(weight_sample(name, weight) for name, weight in named_weights)
 
 
-def base_fingerprint(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> dict[str, Any]:
+def base_fingerprint(model: nn.Module, linears: Sequence[tuple[str, nn.Linear]]) -> dict[str, Any]:
     """The fingerprint of ``model``'s base, given its base linears as ``(name, module)`` (adapters excluded).
 
     ``weights_sha256`` is the hash recorded at quantization time, the hash of the current weights when the model is
@@ -79,7 +79,8 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
                       ("shapes_sha256", "linear layer names/shapes")):
         if saved.get(key) != current.get(key):
             problems.append(f"{what} differ ({saved.get(key)} vs {current.get(key)})")
-    if saved.get("weights_sha256") and current.get("weights_sha256") and saved["weights_sha256"] != current["weights_sha256"]:
+    saved_hash, current_hash = saved.get("weights_sha256"), current.get("weights_sha256")
+    if saved_hash and current_hash and saved_hash != current_hash:
         problems.append(
             f"base weights differ (sample hash {saved['weights_sha256'][:12]} vs {current['weights_sha256'][:12]})"
         )

@@ -65,7 +65,7 @@ class LinearQuantizer:
     def __init__(
         self,
         config: QuantConfig,
-        linears: Sequence[tuple[str, nn.Module]],
+        linears: Sequence[tuple[str, nn.Linear]],
         device: torch.device | str | None = None,
         rounded: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
@@ -82,7 +82,7 @@ class LinearQuantizer:
         """Whether ``skip_modules`` leaves the linear ``name`` as it is."""
         return matches_any(name, self.config.skip_modules)
 
-    def keep(self, name: str, linear: nn.Module) -> None:
+    def keep(self, name: str, linear: nn.Linear) -> None:
         """Record a skipped linear (its weights still count in the fingerprint)."""
         self.report.skipped.append(name)
         if not linear.weight.is_meta:
@@ -169,13 +169,13 @@ def quantize_model(
     return report
 
 
-def require_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def require_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """``model``'s linears in model order.
 
     Raises:
         ValueError: when it has none (QLoRA has nothing to quantize or adapt).
     """
-    linears: list[tuple[str, nn.Module]] = list(iter_linears(model))
+    linears = list(iter_linears(model))
     if not linears:
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear layer, so there is nothing to quantize or adapt. "
@@ -238,6 +238,6 @@ def _full_precision_weight(linear: nn.Linear, device: torch.device, scratch: _Sc
     return weight.detach()
 
 
-def _default_device(module: nn.Module) -> torch.device:
+def _default_device(module: nn.Linear) -> torch.device:
     device = module.weight.device
     return torch.device("cpu") if device.type == "meta" else device

@@ -52,7 +52,7 @@ def state_nbytes(quant_state: Any) -> int:
     )
 
 
-def quantized_nbytes(module: nn.Module) -> int:
+def quantized_nbytes(module: nn.Linear) -> int:
     """Bytes a 4-bit linear actually stores: packed weight, absmax, nested statistics, code books and bias."""
     weight = module.weight
     total = weight.numel() * weight.element_size()
@@ -121,9 +121,10 @@ def set_quantized_weight(
     layer.quant_state = quant_state
 
 
-def quantized_linear(linear: nn.Linear, weight: torch.Tensor, config: QuantConfig, device: torch.device) -> nn.Module:
+def quantized_linear(linear: nn.Linear, weight: torch.Tensor, config: QuantConfig, device: torch.device) -> nn.Linear:
     """A new 4-bit layer on ``device`` computing ``linear`` with ``weight`` packed by ``config`` (``linear``'s own
-    weight is not read: ``weight`` may be calibrated codes, or the values a checkpoint holds)."""
+    weight is not read: ``weight`` may be calibrated codes, or the values a checkpoint holds).
+    """
     layer = linear4bit_class()(
         linear.in_features,
         linear.out_features,
@@ -139,12 +140,13 @@ def quantized_linear(linear: nn.Linear, weight: torch.Tensor, config: QuantConfi
         dequantize_to=config.torch_compute_dtype,
     )
     if linear.bias is not None:
-        bias = linear.bias.detach().to(device) if not linear.bias.is_meta else torch.zeros(linear.out_features, device=device)
+        meta = linear.bias.is_meta
+        bias = torch.zeros(linear.out_features, device=device) if meta else linear.bias.detach().to(device)
         layer.bias = nn.Parameter(bias.to(config.torch_compute_dtype), requires_grad=False)
     return layer
 
 
-def dequantize_weight(module: nn.Module) -> torch.Tensor:
+def dequantize_weight(module: nn.Linear) -> torch.Tensor:
     """The full-precision weight of a linear (dequantized for a 4-bit one), shape ``(out_features, in_features)``."""
     if not is_quantized_linear(module):
         return module.weight.detach()
@@ -158,7 +160,8 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
 
 def stored_weight(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     """``weight`` as the layer built from it with ``config`` computes with, in fp32: packed and unpacked by the very
-    same bitsandbytes calls (bit-identical to :func:`dequantize_weight` of that layer)."""
+    same bitsandbytes calls (bit-identical to :func:`dequantize_weight` of that layer).
+    """
     if not config.quantized:
         return weight.detach().to(config.torch_compute_dtype).float()
     bnb = import_bitsandbytes()
@@ -169,30 +172,31 @@ def stored_weight(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(packed, quant_state).float()
 
 
-def packed_bytes(module: nn.Module) -> torch.Tensor:
+def packed_bytes(module: nn.Linear) -> torch.Tensor:
     """The packed 4-bit storage of a quantized linear, in its canonical (training) layout."""
     restore_training_layout(module)
     return module.weight.data
 
 
-def restore_training_layout(module: nn.Module) -> None:
+def restore_training_layout(module: nn.Linear) -> None:
     """Undo bitsandbytes' in-place CPU inference repacking of a 4-bit layer, if it happened."""
     # bitsandbytes repacks CPU weights in place for fast eval-mode inference; that layout has no autograd path
     # and different bytes, so undo it before training, dequantizing or comparing bytes.
-    state = getattr(module.weight, "quant_state", None)
+    weight: Any = module.weight  # a bitsandbytes Params4bit
+    state = getattr(weight, "quant_state", None)
     if state is not None and getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
 
-        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
-        module.quant_state = module.weight.quant_state
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        module.quant_state = weight.quant_state
 
 
 @functools.cache
-def linear4bit_class() -> type[nn.Module]:
+def linear4bit_class() -> type[Any]:
     """Our subclass of bitsandbytes' ``Linear4bit`` (built on first use: bitsandbytes is imported lazily)."""
     bnb = import_bitsandbytes()
 
-    class QLoRALinear4bit(bnb.nn.Linear4bit):  # type: ignore[misc, name-defined]
+    class QLoRALinear4bit(bnb.nn.Linear4bit):  # type: ignore[name-defined]
         """bitsandbytes' ``Linear4bit`` that always keeps the trainable (autograd-capable) weight layout.
 
         bitsandbytes switches a CPU layer in eval mode to a packed layout served by ``gemv_4bit``, which has no

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_qlora._atomic import atomic_directory
+from lightning_qlora._imports import require
 from lightning_qlora._progress import progress_bar
 from lightning_qlora.config import COMPUTE_DTYPES, QuantConfig
 from lightning_qlora.lora.inject import iter_lora_layers
@@ -42,7 +43,9 @@ class ExportReport:
     rel_logit_error: float | None = None
 
 
-def merged_state_dict(module: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    module: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool = False
+) -> dict[str, torch.Tensor]:
     """The base model's state dict with every adapter folded in, keyed as the original (un-adapted) model."""
     root = adapter_root(module)
     linears = base_linears(root)
@@ -85,7 +88,7 @@ def export_merged(
     Raises:
         TypeError: when the model is not a transformers ``PreTrainedModel`` (nothing to ``save_pretrained``).
     """
-    root = adapter_root(module)
+    root: Any = adapter_root(module)  # a transformers PreTrainedModel, checked below
     if not hasattr(root, "config") or not hasattr(root, "save_pretrained"):
         raise TypeError(
             f"export_merged needs a transformers PreTrainedModel, got {type(root).__name__}. For other models use "
@@ -98,7 +101,9 @@ def export_merged(
     # Tied heads and non-persistent buffers are expected to be absent from the state dict.
     real_missing = [k for k in missing if not k.endswith("lm_head.weight") or not root.config.tie_word_embeddings]
     if real_missing or unexpected:
-        raise RuntimeError(f"Merged weights do not fit {type(root).__name__}: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"Merged weights do not fit {type(root).__name__}: missing {real_missing[:5]}, unexpected {unexpected[:5]}"
+        )
     fresh.tie_weights()
 
     target = Path(out_dir)
@@ -134,7 +139,9 @@ def merge_drift(model: nn.Module, merged_dir: str | Path, input_ids: torch.Tenso
 def main(argv: list[str] | None = None) -> int:
     """``lightning-qlora-export``: merge an adapter into its base and save a standard transformers directory."""
     parser = argparse.ArgumentParser(prog="lightning-qlora-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument(
+        "--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)"
+    )
     parser.add_argument("--out", required=True, help="where to write the merged model directory")
     parser.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(COMPUTE_DTYPES), help="dtype of the exported weights")
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-strict", action="store_true", help="load even if the base fingerprint differs")
     args = parser.parse_args(argv)
 
+    require("rich", "lightning-qlora-export")
     from rich.console import Console
     from rich.table import Table
     from transformers import AutoTokenizer
@@ -157,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     base = args.base or config.get("base_model_name_or_path")
     if not base:
         parser.error(f"{adapter / ADAPTER_CONFIG} names no base_model_name_or_path: pass --base")
-    recorded = read_adapter_metadata(adapter).get("quantization", {}) if (adapter / "adapter_model.safetensors").is_file() else {}
+    has_weights = (adapter / "adapter_model.safetensors").is_file()
+    recorded = read_adapter_metadata(adapter).get("quantization", {}) if has_weights else {}
     quant_type = args.quant or recorded.get("quant_type", "none")
     quant = QuantConfig(
         quant_type=quant_type,

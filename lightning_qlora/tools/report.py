@@ -23,6 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_qlora._imports import require
+from lightning_qlora.app.models.pretrained import DEFAULT_MODEL, resolve_pretrained
+from lightning_qlora.modules import iter_linears, matches_any
 from lightning_qlora.quant.fidelity import (
     FORMATS,
     bits_per_parameter,
@@ -30,7 +33,6 @@ from lightning_qlora.quant.fidelity import (
     reconstruction_errors,
     round_trip,
 )
-from lightning_qlora.app.models.pretrained import DEFAULT_MODEL, resolve_pretrained
 
 _GGUF_NOTE = (
     "SmolLM2-135M-Instruct here is converted from a Q4_1 GGUF: its weights were stored in 4 bits (32-weight blocks "
@@ -39,12 +41,11 @@ _GGUF_NOTE = (
 )
 
 
-def weight_report(model: nn.Module, blocksize: int = 64, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, dict[str, float]]:
+def weight_report(
+    model: nn.Module, blocksize: int = 64, skip: tuple[str, ...] = ("lm_head",)
+) -> dict[str, dict[str, float]]:
     """Per format: mean over linear layers of ``mean_abs`` and ``relative`` error, and measured ``bits_per_param``."""
-    linears = [
-        (name, m) for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)
-    ]
+    linears = [(name, m) for name, m in iter_linears(model) if not matches_any(name, skip)]
     results: dict[str, dict[str, float]] = {}
     for fmt in FORMATS:
         mean_abs, relative, stored, params = [], [], 0, 0
@@ -68,15 +69,16 @@ def weight_report(model: nn.Module, blocksize: int = 64, skip: tuple[str, ...] =
 @torch.no_grad()
 def perplexities(model_path: str, batches: list[dict[str, torch.Tensor]], blocksize: int = 64) -> dict[str, float]:
     """Held-out perplexity (response tokens) of the causal LM in bf16 and in each format, all computing in bf16."""
-    from lightning_qlora.config import QuantConfig
     from lightning_qlora.app.models.pretrained import load_causal_lm
+    from lightning_qlora.config import QuantConfig, QuantType
     from lightning_qlora.quant.quantize import quantize_model
 
     results = {}
     for fmt in ("bf16", *FORMATS):
         model = load_causal_lm(model_path).eval()
         if fmt in ("nf4", "nf4-dq", "fp4"):
-            quant = QuantConfig(quant_type="fp4" if fmt == "fp4" else "nf4", double_quant=fmt == "nf4-dq", blocksize=blocksize)
+            quant_type: QuantType = "fp4" if fmt == "fp4" else "nf4"
+            quant = QuantConfig(quant_type=quant_type, double_quant=fmt == "nf4-dq", blocksize=blocksize)
             quantize_model(model, quant, progress=False)
         elif fmt in ("int4", "int8"):
             fake_quantize_linears(model, fmt, blocksize)
@@ -110,8 +112,11 @@ def to_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Quantization fidelity: {results['model']}",
         "",
-        f"Command: `{results['command']}` ({results['date']}, {results['seconds']:.0f} s). Blocksize {results['blocksize']};"
-        f" {next(iter(weights.values()))['layers']} linear layers (lm_head excluded).",
+        (
+            f"Command: `{results['command']}` ({results['date']}, {results['seconds']:.0f} s). "
+            f"Blocksize {results['blocksize']}; {next(iter(weights.values()))['layers']} linear layers "
+            "(lm_head excluded)."
+        ),
         "",
         "| format | mean abs error | relative error | bits/param (stored) | held-out perplexity |",
         "|---|---|---|---|---|",
@@ -129,7 +134,7 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", "lightning-qlora-report's plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -141,7 +146,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     if ppl:
         panels.append(("held-out perplexity", [ppl.get(f, math.nan) for f in formats]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-    for ax, (title, values) in zip(axes, panels):
+    for ax, (title, values) in zip(axes, panels, strict=False):
         ax.bar(formats, values, color=["tab:blue", "tab:cyan", "tab:orange", "tab:red", "tab:gray"][: len(formats)])
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
@@ -156,12 +161,15 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-qlora-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias (smollm2-135m-instruct, all-minilm-l6-v2) or path")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="alias (smollm2-135m-instruct, all-minilm-l6-v2) or path"
+    )
     parser.add_argument("--out", default=None, help="output directory (default: reports/<model>)")
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--eval-rows", type=int, default=64, help="held-out Jargon rows for perplexity (0: skip)")
     args = parser.parse_args(argv)
 
+    require("rich", "lightning-qlora-report")
     from rich.console import Console
     from rich.markdown import Markdown
     from transformers import AutoConfig, AutoModel

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_qlora.app.data.examples import Example, split_held_out
@@ -109,7 +109,8 @@ class InstructionDataModule(LightningDataModule):
         rank_zero_info(self.describe())
 
     def describe(self) -> str:
-        assert self.train_split is not None and self.val_split is not None
+        assert self.train_split is not None
+        assert self.val_split is not None
         dropped = self.train_split.dropped + self.val_split.dropped
         truncated = self.train_split.truncated + self.val_split.truncated
         return (
@@ -126,7 +127,7 @@ class InstructionDataModule(LightningDataModule):
         assert self.train_split is not None
         self.sampler = ResumableRandomSampler(len(self.train_split.rows), self.batch_size, seed=self.seed)
         return ResumableDataLoader(
-            self.train_split.rows,
+            cast(Dataset, self.train_split.rows),
             batch_size=self.batch_size,
             sampler=self.sampler,
             progress=self._training_progress,
@@ -140,12 +141,14 @@ class InstructionDataModule(LightningDataModule):
     def _training_progress(self) -> tuple[int, int]:
         # Where training stands inside the epoch: a resumed run skips exactly the batches already trained on.
         trainer = self.trainer
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        assert trainer is not None
+        progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current  # a _ProcessedTracker at run time
+        return trainer.current_epoch, progress.processed
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_split is not None
         return DataLoader(
-            self.val_split.rows,
+            cast(Dataset, self.val_split.rows),
             batch_size=self.batch_size,
             shuffle=False,
             collate_fn=partial(collate, pad_token_id=self.pad_token_id),

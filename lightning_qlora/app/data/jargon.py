@@ -102,7 +102,7 @@ def parse_jargon(text: str, source: str = "jargon.txt", max_paragraphs: int = 2)
 def _definition(body: list[str], max_paragraphs: int) -> str:
     paragraphs: list[str] = []
     current: list[str] = []
-    for line in body + [""]:
+    for line in [*body, ""]:
         if line:
             current.append(line)
         elif current:

@@ -14,7 +14,9 @@ class DataFormatError(QLoRAError, ValueError):
     """A data file is missing, empty, or has a malformed row; the message names the file and line."""
 
 
-def load_jsonl(path: str | os.PathLike, prompt_key: str = "instruction", response_key: str = "response") -> list[Example]:
+def load_jsonl(
+    path: str | os.PathLike, prompt_key: str = "instruction", response_key: str = "response"
+) -> list[Example]:
     """Read ``{"instruction": ..., "response": ...}`` rows (keys configurable); blank lines are skipped.
 
     Raises:

@@ -56,8 +56,11 @@ class ResumableDataLoader(DataLoader):
     itself: ``progress`` returns ``(epoch, batches trained on in that epoch)`` from the trainer's loop.
     """
 
-    def __init__(self, *args: Any, sampler: ResumableRandomSampler, progress: Callable[[], tuple[int, int]], **kwargs: Any):
-        super().__init__(*args, sampler=sampler, **kwargs)
+    def __init__(
+        self, dataset: Any, *, sampler: ResumableRandomSampler, progress: Callable[[], tuple[int, int]], **kwargs: Any
+    ) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._resumable = sampler
         self._progress = progress
 
     def state_dict(self) -> dict[str, int]:
@@ -65,4 +68,4 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": epoch, "batches_done": batches_done}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.sampler.resume(int(state_dict["epoch"]), int(state_dict["batches_done"]))
+        self._resumable.resume(int(state_dict["epoch"]), int(state_dict["batches_done"]))

@@ -44,7 +44,8 @@ def tokenize_examples(
     split = TokenizedSplit(rows=[])
     end_of_turn = _end_of_turn(tokenizer)
     for example in examples:
-        prompt_ids = tokenizer(prompt_text(tokenizer, example.prompt, system_prompt), add_special_tokens=False)["input_ids"]
+        prompt = prompt_text(tokenizer, example.prompt, system_prompt)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + end_of_turn
         if len(prompt_ids) + 8 > max_length:
             split.dropped += 1

@@ -60,13 +60,18 @@ class CausalLMFineTune(LightningModule):
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self.train_tokens = 0
 
+    @property
+    def _settings(self) -> Any:
+        # The constructor's arguments (save_hyperparameters), read by attribute.
+        return self.hparams
+
     @override
     def configure_model(self) -> None:
         if self.model is not None:
             return
         # from_pretrained returns the model in eval mode; training must see dropout and train-mode layers.
-        self.model = load_causal_lm(self.hparams.name_or_path).train()
-        if self.hparams.gradient_checkpointing:
+        self.model = load_causal_lm(self._settings.name_or_path).train()
+        if self._settings.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             # With a frozen base, the checkpointed blocks must see an input that requires grad.
             self.model.enable_input_require_grads()
@@ -108,14 +113,14 @@ class CausalLMFineTune(LightningModule):
                 "No parameter requires grad: nothing would train. Use QLoRAPlugin with a LoRAConfig "
                 "(lora=None only quantizes)."
             )
-        settings = dict(lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        optimizer_class = OPTIMIZERS[self.hparams.get("optimizer", "adamw")]
-        if self.hparams.optimizer_in_backward:  # the adapters' gradients are never all alive at once
+        settings = {"lr": self._settings.lr, "weight_decay": self._settings.weight_decay}
+        optimizer_class = OPTIMIZERS[self._settings.get("optimizer", "adamw")]
+        if self._settings.optimizer_in_backward:  # the adapters' gradients are never all alive at once
             optimizer: torch.optim.Optimizer = OptimizerInBackward(params, optimizer_class, **settings)
         else:
             optimizer = optimizer_class(params, **settings)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+        warmup, floor = self._settings.warmup_steps, self._settings.min_lr_ratio
 
         def schedule(step: int) -> float:
             if step < warmup:

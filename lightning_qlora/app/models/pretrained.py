@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lightning_qlora._atomic import atomic_directory
+from lightning_qlora._imports import require
 from lightning_qlora._paths import cache_dir
 from lightning_qlora.errors import QLoRAError
 
@@ -89,6 +90,8 @@ def _package_locations(package: str) -> list[Path]:
 
 def convert_gguf(gguf: Path, target: Path, display_name: str) -> None:
     """Convert a GGUF file into a transformers safetensors directory at ``target`` (atomically)."""
+    require("rich", "converting the packaged GGUF model")
+    require("gguf", "converting the packaged GGUF model")
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,7 +123,9 @@ def fix_chat_eos(tokenizer: Any, model: Any = None) -> bool:
         return False
     changed = tokenizer.eos_token != end_of_turn
     if changed:
-        log.warning("Tokenizer EOS was %r; setting it to the chat template's end of turn %r", tokenizer.eos_token, end_of_turn)
+        log.warning(
+            "Tokenizer EOS was %r; setting it to the chat template's end of turn %r", tokenizer.eos_token, end_of_turn
+        )
         tokenizer.eos_token = end_of_turn
     if tokenizer.pad_token is None:
         tokenizer.pad_token = end_of_turn

@@ -3,7 +3,11 @@
 from lightning_qlora.lightning.callbacks.adapter_checkpoint import AdapterCheckpoint
 from lightning_qlora.lightning.callbacks.peak_memory import PeakMemoryMonitor
 from lightning_qlora.lightning.callbacks.training_curves import TrainingCurves
-from lightning_qlora.lightning.callbacks.training_guards import NoAdapterGradientError, NonFiniteLossError, TrainingGuard
+from lightning_qlora.lightning.callbacks.training_guards import (
+    NoAdapterGradientError,
+    NonFiniteLossError,
+    TrainingGuard,
+)
 
 __all__ = [
     "AdapterCheckpoint",

@@ -15,7 +15,7 @@ GIB = 2**30
 
 
 class PeakMemoryMonitor(Callback):
-    """Log peak memory every ``trainer.log_every_n_steps`` steps and a summary at the end of fit.
+    """Log peak memory every ``getattr(trainer, "log_every_n_steps", 50)`` steps and a summary at the end of fit.
 
     On CUDA it logs ``memory/peak_allocated_gib`` and ``memory/peak_reserved_gib`` (peaks within the window; the
     CUDA peak counters are reset after each log). On CPU it logs ``memory/peak_rss_gib``, the process's peak resident
@@ -42,7 +42,7 @@ class PeakMemoryMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
+        if trainer.global_step % max(1, getattr(trainer, "log_every_n_steps", 50)) != 0:
             return
         metrics = self._read(trainer)
         self.history.append((trainer.global_step, metrics))

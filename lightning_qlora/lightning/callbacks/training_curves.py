@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lightning_qlora._imports import require
 from lightning_qlora.lightning.callbacks.peak_memory import GIB, current_rss_bytes, peak_rss_bytes
 
 
@@ -63,8 +64,7 @@ class TrainingCurves(Callback):
         rank_zero_info(f"Training curves written to {path}")
 
     def write(self, path: Path) -> Path:
-        import matplotlib
-
+        matplotlib = require("matplotlib", "TrainingCurves (the loss and memory PNG)", "pip install matplotlib")
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

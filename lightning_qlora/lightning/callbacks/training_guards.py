@@ -11,7 +11,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_qlora.errors import QLoRAError
-
 from lightning_qlora.optim.in_backward import OptimizerInBackward
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,8 @@ class TrainingGuard(Callback):
             self._consecutive = 0
             self._prepare_steps_in_backward(trainer)
             return
-        step, batch_idx = trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current  # a _ProcessedTracker at run time
+        step, batch_idx = trainer.global_step, progress.processed
         where = f"loss is {loss.detach().float().item()} at optimizer step {step}, batch index {batch_idx}"
         if self.on_nan == "stop" or self._consecutive >= self.max_skips:
             raise NonFiniteLossError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -70,7 +71,8 @@ class QLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         # come, so the remaining steps of Lightning's set-up are taken one by one, through public hooks.
         plugin = self.qlora_plugin()
         resolve_quant_storage_for_fsdp(plugin)
-        assert self.model is not None and self.accelerator is not None
+        assert self.model is not None
+        assert self.accelerator is not None
         self.accelerator.setup(trainer)
         self.convert(trainer, plugin)
         self.model_to_device()
@@ -86,6 +88,7 @@ class QLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         """Run the recipe on this rank's device and shard each block as it arrives, then the root."""
         from torch.distributed.fsdp import FSDPModule
 
+        assert self.model is not None
         mesh = self.device_mesh["data_parallel"]
         calibration = self.calibration_result(trainer, plugin)
         sharded: list[str] = []
@@ -130,7 +133,7 @@ class QLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         return FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
 
     @override
-    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType
 

@@ -7,17 +7,18 @@ and explained CUDA out-of-memory errors.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_qlora.calibration import CalibrationError, CalibrationResult
-from lightning_qlora.convert import ConvertedBlock
 from lightning_qlora.lightning.calibration_data import calibration_batches
 from lightning_qlora.lightning.oom import explain_out_of_memory
 from lightning_qlora.lightning.plugin import QLoRAPlugin
@@ -27,10 +28,9 @@ from lightning_qlora.optim.in_backward import OptimizerInBackward
 from lightning_qlora.quant.weight import has_quantized_linears
 
 
-class QLoRAStrategyMixin:
-    """Mixed into a Lightning strategy (before it in the bases): see the module docstring.
-
-    A subclass sets ``strategy_name`` and may override :meth:`consume_block` (FSDP shards each block there).
+class QLoRAStrategyMixin(Strategy):
+    """Mixed into a Lightning strategy (before it in the bases, so its hooks wrap the strategy's): see the module
+    docstring. A subclass sets ``strategy_name``; the FSDP strategy overrides :meth:`convert` to shard each block.
     """
 
     strategy_name: str
@@ -38,12 +38,6 @@ class QLoRAStrategyMixin:
     supports_calibration = False
     # A step inside backward sees a rank's own gradient, before DDP/FSDP reduce it: one device only.
     supports_optimizer_in_backward = False
-    # Set by the Lightning strategy this is mixed into.
-    model: Any
-    precision_plugin: Any
-    lightning_module: Any
-    optimizers: Any
-    root_device: torch.device
 
     @property
     @override
@@ -60,29 +54,24 @@ class QLoRAStrategyMixin:
                 f"{plugin.describe_calibration()} calibrates on one device: strategy={self.strategy_name!r} is not "
                 "supported yet. Use strategy='qlora', or calibration='none' and init_lora_weights='default'."
             )
-        super().connect(model)  # type: ignore[misc]
+        super().connect(model)
 
     @override
     def setup(self, trainer: Trainer) -> None:
         plugin = self.qlora_plugin()
         self.convert(trainer, plugin)
         # Lightning's own set-up order; the plugin's convert_module finds the model converted and leaves it.
-        super().setup(trainer)  # type: ignore[misc]
+        super().setup(trainer)
         self.log_conversion(trainer, plugin)
 
     def convert(self, trainer: Trainer, plugin: QLoRAPlugin) -> None:
         """Calibrate if asked, then run the recipe on this device, handing each finished block to
-        :meth:`consume_block`."""
+        :meth:`consume_block`.
+        """
         calibration = self.calibration_result(trainer, plugin)
-        for block in plugin.iter_converted_blocks(self.model, self.root_device, calibration, self.block_classes()):
-            self.consume_block(block)
-
-    def block_classes(self) -> list[str] | None:
-        """Class names of the transformer blocks (``None``: found by the recipe)."""
-        return None
-
-    def consume_block(self, block: ConvertedBlock) -> None:
-        """What happens to each finished block: nothing here (it stays on this device)."""
+        assert self.model is not None
+        for _ in plugin.iter_converted_blocks(self.model, self.root_device, calibration):
+            pass  # each block stays on this device
 
     def calibration_result(self, trainer: Trainer, plugin: QLoRAPlugin) -> CalibrationResult | None:
         module = self.lightning_module
@@ -107,7 +96,8 @@ class QLoRAStrategyMixin:
             raise ValueError(
                 f"strategy={self.strategy_name!r} needs the QLoRAPlugin precision plugin, but got "
                 f"{type(plugin).__name__} (precision={getattr(plugin, 'precision', '?')!r}). Remove the `precision=` "
-                "flag and pass plugins=[QLoRAPlugin(quant=QuantConfig(compute_dtype='bf16'))] to choose the compute dtype."
+                "flag and pass plugins=[QLoRAPlugin(quant=QuantConfig(compute_dtype='bf16'))] to choose the compute "
+                "dtype."
             )
         if self.root_device.type == "cpu":
             _warn_cpu_once()
@@ -120,7 +110,7 @@ class QLoRAStrategyMixin:
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
-        super().setup_optimizers(trainer)  # type: ignore[misc]
+        super().setup_optimizers(trainer)
         if any(isinstance(o, OptimizerInBackward) for o in self.optimizers):
             self._check_optimizer_in_backward(trainer)
 
@@ -142,19 +132,19 @@ class QLoRAStrategyMixin:
             )
         if problems:
             raise ValueError(
-                "OptimizerInBackward steps the adapters inside the backward pass and frees their gradients at once, so: "
-                + "; ".join(problems) + ". Or use a plain optimizer."
+                "OptimizerInBackward steps the adapters inside the backward pass and frees their gradients at once, "
+                "so: " + "; ".join(problems) + ". Or use a plain optimizer."
             )
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         with explain_out_of_memory(self, "the forward pass"):
-            return super().training_step(*args, **kwargs)  # type: ignore[misc]
+            return super().training_step(*args, **kwargs)
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         with explain_out_of_memory(self, "the backward pass"):
-            return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -162,7 +152,7 @@ class QLoRAStrategyMixin:
         return trainable_state_dict(self.lightning_module)
 
     @override
-    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
         load_trainable_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
 
