@@ -45,7 +45,7 @@ def compile_blocks(
             weights again instead of saving them in bf16 (see the module docstring); ``False`` only to compare.
         checkpointing: how an activation-checkpointed block checkpoints inside the compiled region:
             ``"must-recompute"`` (a selective checkpoint recomputing every op) or ``"torch-default"`` (torch's plain
-            checkpoint, which inductor on the H200 did not honour; only to compare).
+            checkpoint, which inductor may not honour; only to compare).
         **compile_kwargs: passed to ``torch.compile`` (``backend``, ``mode``, ``dynamic``...).
 
     Raises:

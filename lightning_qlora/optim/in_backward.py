@@ -31,8 +31,8 @@ class OptimizerInBackward(torch.optim.Optimizer):
         optimizer_class: e.g. ``torch.optim.AdamW`` or ``bitsandbytes.optim.PagedAdamW8bit``.
         bucket_mb: gradient memory per bucket (consecutive parameters, i.e. neighbouring layers, whose gradients
             arrive together). At most about one bucket of gradients is alive at a time; larger buckets mean fewer
-            optimizer calls (each has a fixed Python and launch cost: one call per tensor was 44% slower on a 65B
-            step, measured in ``benchmarks/NOTES.md``). ``0``: one bucket per tensor.
+            optimizer calls, each with a fixed Python and launch cost (``benchmarks/NOTES.md``). ``0``: one bucket per
+            tensor.
         **defaults: the optimizer's hyper-parameters (``lr=...``, ``weight_decay=...``, ...).
 
     ``step(closure)`` runs the closure (forward and backward, which update the parameters), then steps any bucket some

@@ -203,8 +203,8 @@ class _ScratchBuffers:
     """One reusable buffer per dtype for the full-precision weight of the layer being quantized.
 
     Materializing each layer's temporary weight in fresh memory lets the small, long-lived 4-bit results land in the
-    same allocator segments, which then can never be released (28.7 GiB reserved for 3.8 GiB allocated after
-    converting a 7B model on an H200). Reusing one buffer keeps temporaries and results apart.
+    same allocator segments, which then can never be released (``benchmarks/NOTES.md``: most of the reserved memory
+    after converting a 7B model). Reusing one buffer keeps temporaries and results apart.
     """
 
     def __init__(self, numel: int) -> None:
