@@ -86,13 +86,23 @@ class _RecordDevices(Callback):
 
 
 @pytest.mark.gpu
-def test_strategy_quantizes_on_cuda_and_trains(tiny_llama_config):
+def test_strategy_quantizes_on_cuda_and_trains(tiny_llama_config, monkeypatch):
+    import lightning_qlora.quant.quantize as quantize
+
+    packed_on = set()
+    original = quantize.quantized_linear
+
+    def spy(linear, weight, config, device):
+        packed_on.add((weight.device.type, device.type))
+        return original(linear, weight, config, device)
+
+    monkeypatch.setattr(quantize, "quantized_linear", spy)
     module = CausalLMModule(tiny_llama_config)
     record = _RecordDevices()
     plugin = QLoRAPlugin(lora=LoRAConfig(r=8, alpha=16, dropout=0.0))
     trainer = _trainer(strategy="qlora", accelerator="cuda", devices=1, max_steps=24, plugins=[plugin], callbacks=[record])
     trainer.fit(module, token_loader())
-    assert plugin.quantize_device.type == "cuda"  # quantized on the GPU, layer by layer
+    assert packed_on == {("cuda", "cuda")}  # each weight moved to the GPU and quantized there, layer by layer
     assert record.devices == {"cuda"}
     assert sum(module.losses[-4:]) / 4 < sum(module.losses[:4]) / 4 - 0.3, module.losses
 
