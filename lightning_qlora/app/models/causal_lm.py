@@ -35,7 +35,8 @@ class CausalLMFineTune(LightningModule):
         gradient_checkpointing: recompute activations in backward (less memory, about 30% slower).
         optimizer_in_backward: step AdamW inside backward, a bucket of adapter tensors at a time, so their gradients
             are never all alive (:class:`~lightning_qlora.optim.in_backward.OptimizerInBackward`: no fp32 gradient of
-            every adapter at once, 3 GiB on a 65B model at r 64). Needs ``trainer.gradient_clip_val=None`` and no gradient accumulation.
+            every adapter at once, 3 GiB on a 65B model at r 64). Needs ``trainer.gradient_clip_val=None`` and no
+            gradient accumulation.
 
     Logged metrics: ``train/loss`` (per step), ``train/lr``, ``val/loss`` and ``val/perplexity`` (per validation run,
     on held-out rows, response tokens only).
