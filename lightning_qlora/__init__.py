@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "merge_lora": "lightning_qlora.lora",
     "quantize_model": "lightning_qlora.quant",
     "save_adapter": "lightning_qlora.lora",
+    "stream_pretrained": "lightning_qlora.pretrained",
     "unmerge_lora": "lightning_qlora.lora",
 }
 
@@ -82,6 +83,7 @@ __all__ = [
     "merge_lora",
     "quantize_model",
     "save_adapter",
+    "stream_pretrained",
     "unmerge_lora",
 ]
 
@@ -139,6 +141,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         unmerge_lora,
     )
     from lightning_qlora.optim.adamw8bit import AdamW8bit
+    from lightning_qlora.pretrained import stream_pretrained
     from lightning_qlora.optim.in_backward import OptimizerInBackward
     from lightning_qlora.quant import QuantizationReport, quantize_model
     from lightning_qlora.sharding import QuantStorageMismatchError

@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_qlora._progress import progress_bar
 from lightning_qlora.calibration import CalibrationResult
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.lora.inject import target_names, wrap_linears
@@ -25,6 +27,7 @@ from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.modules import find_blocks, is_adapter_parameter, replace_submodule
 from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR
 from lightning_qlora.quant.quantize import CALIBRATION_ATTR, LinearQuantizer, QuantizationReport, require_linears
+from lightning_qlora.quant.streaming import StreamedWeights, checkpoint_of
 from lightning_qlora.quant.weight import is_packed, is_quantized_linear, quant_state_of
 
 log = logging.getLogger(__name__)
@@ -143,7 +146,9 @@ def iter_converted_blocks(
     targets = target_names(model, lora, quant.skip_modules) if lora is not None else []
     rounded = calibration.rounded if calibration is not None else {}
     adapter_init = calibration.adapter_init if calibration is not None else {}
-    quantizer = LinearQuantizer(quant, linears, target, rounded)
+    checkpoint = checkpoint_of(model)
+    streamed = StreamedWeights(model, checkpoint) if checkpoint is not None and not converted_before else None
+    quantizer = LinearQuantizer(quant, linears, target, rounded, streamed)
     blocks = find_blocks(model, block_classes)
     prefixes = [(name, name + ".") for name, _ in blocks]
 
@@ -169,6 +174,8 @@ def iter_converted_blocks(
             else:
                 replace_submodule(model, name, quantizer.convert(name, linear))
                 quantized.append(name)
+        if streamed is not None:
+            streamed.materialize(piece_name, piece, target or torch.device("cpu"), dtype)
         _materialize_meta(piece, target)
         if target is not None:
             piece.to(target)
@@ -180,9 +187,15 @@ def iter_converted_blocks(
         initialized.extend(_initialize(model, adapted, adapter_init))
         return ConvertedBlock(piece_name, piece, quantized, adapted)
 
+    bar = progress_bar(None, None, f"Converting to {quant.quant_type}", unit="block", total=len(blocks) + 1)
     for block_name, block in blocks:
-        yield finish(block_name, block)
+        piece = finish(block_name, block)
+        _advance(bar, streamed)
+        yield piece
     root = finish("", model)
+    _advance(bar, streamed)
+    if bar is not None:
+        bar.close()
     report = quantizer.finish(model) if not converted_before else QuantizationReport()
     if rounded and not converted_before:
         setattr(model, CALIBRATION_ATTR, calibration.method if calibration is not None else "none")
@@ -240,6 +253,14 @@ def logical_param_count(module: nn.Module) -> int:
             shape = getattr(state, "shape", None)
             total += int(torch.Size(shape).numel()) if shape is not None else param.numel()
     return total
+
+
+def _advance(bar: Any, streamed: StreamedWeights | None) -> None:
+    if bar is None:
+        return
+    if streamed is not None:
+        bar.set_postfix_str(f"{streamed.bytes_read / 2**30:.2f} GiB read")
+    bar.update(1)
 
 
 def _freeze_base(piece: nn.Module) -> None:

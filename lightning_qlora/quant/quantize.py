@@ -18,6 +18,7 @@ from lightning_qlora._progress import progress_bar
 from lightning_qlora.config import QuantConfig
 from lightning_qlora.modules import is_adapter_parameter, iter_linears, matches_any, replace_submodule
 from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR, digest_samples, weight_sample
+from lightning_qlora.quant.streaming import StreamedWeights
 from lightning_qlora.quant.weight import is_quantized_linear, quantized_linear, quantized_nbytes
 
 # Set on a model whose 4-bit codes were calibrated (the method's name, e.g. "gptq"); recorded with its adapters.
@@ -60,6 +61,8 @@ class LinearQuantizer:
         device: where the converted layers live; ``None`` keeps each layer's device (meta layers go to the CPU).
         rounded: ``{name: weight}`` to pack instead of a layer's own weight (calibrated codes, see
             :mod:`lightning_qlora.calibration`); the fingerprint still samples the layer's own weight.
+        streamed: where the weights of layers still on the meta device are read from (a checkpoint on disk);
+            without it such layers get their own random initialization.
     """
 
     def __init__(
@@ -68,8 +71,10 @@ class LinearQuantizer:
         linears: Sequence[tuple[str, nn.Linear]],
         device: torch.device | str | None = None,
         rounded: Mapping[str, torch.Tensor] | None = None,
+        streamed: StreamedWeights | None = None,
     ) -> None:
         self.config = config
+        self.streamed = streamed
         self.device = torch.device(device) if device is not None else None
         self.rounded = rounded or {}
         self.report = QuantizationReport()
@@ -85,16 +90,31 @@ class LinearQuantizer:
     def keep(self, name: str, linear: nn.Linear) -> None:
         """Record a skipped linear (its weights still count in the fingerprint)."""
         self.report.skipped.append(name)
+        if self.streamed is not None and linear.weight.is_meta:
+            self.streamed.materialize(name, linear, self._target(linear), self.config.torch_compute_dtype)
         if not linear.weight.is_meta:
             self._samples[name] = weight_sample(name, linear.weight)
 
     def convert(self, name: str, linear: nn.Linear) -> nn.Module:
         """The frozen layer that replaces ``linear``: 4-bit, or cast to the compute dtype for ``"none"``."""
         config = self.config
-        target = self.device if self.device is not None else _default_device(linear)
-        before = linear.weight.numel() * linear.weight.element_size()
+        target = self._target(linear)
+        numel = linear.weight.numel()
+        before = numel * linear.weight.element_size()
+        streamed = self.streamed if linear.weight.is_meta else None
+        if streamed is not None:
+            before = numel * streamed.stored_dtype(f"{name}.weight").itemsize
+            if linear.bias is not None:
+                bias = streamed.tensor(f"{name}.bias", target, config.torch_compute_dtype)
+                linear.bias = nn.Parameter(bias, requires_grad=False)
+            if not config.quantized:  # a plain base: read straight in the compute dtype
+                streamed.materialize(name, linear, target, config.torch_compute_dtype)
         if config.quantized:
-            weight = _full_precision_weight(linear, target, self._scratch)
+            if streamed is not None:
+                buffer = self._scratch.get(linear.weight.shape, streamed.stored_dtype(f"{name}.weight"), target)
+                weight = streamed.linear_weight(name, linear, buffer)
+            else:
+                weight = _full_precision_weight(linear, target, self._scratch)
             self._samples[name] = weight_sample(name, weight)
             packed_from = self.rounded[name].to(target) if name in self.rounded else weight
             new = quantized_linear(linear, packed_from, config, target)
@@ -105,9 +125,12 @@ class LinearQuantizer:
             after = new.weight.numel() * new.weight.element_size()
         self.report.quantized.append(name)
         self.report.bytes_before += before
-        self.report.num_params += linear.weight.numel()
+        self.report.num_params += numel
         self.report.bytes_after += after
         return new
+
+    def _target(self, linear: nn.Linear) -> torch.device:
+        return self.device if self.device is not None else _default_device(linear)
 
     def finish(self, model: nn.Module) -> QuantizationReport:
         """Record the fingerprint on ``model``, release the buffer and return the report."""

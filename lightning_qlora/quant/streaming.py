@@ -1,0 +1,108 @@
+"""A model built on the meta device whose tensors are read from its checkpoint as the recipe reaches them.
+
+:class:`StreamedWeights` answers two questions for the conversion recipe: "the full-precision weight of this linear,
+on this device" (read into the recipe's reusable buffer, quantized at once, then overwritten by the next one) and
+"materialize this block's other tensors" (norms, embeddings, an untied head: read in the compute dtype). So no more
+than one layer's full-precision weight exists at a time, on the device or on the host. Tied parameters (an
+``lm_head`` sharing the embedding) stay one parameter. Plain torch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from lightning_qlora.quant.checkpoint import CheckpointError, SafetensorsCheckpoint
+
+# Set on a model whose parameters are on the meta device and whose weights are in a checkpoint on disk.
+CHECKPOINT_ATTR = "_lightning_qlora_checkpoint"
+
+
+def checkpoint_of(model: nn.Module) -> SafetensorsCheckpoint | None:
+    """The checkpoint a model built by :func:`lightning_qlora.stream_pretrained` reads its weights from, if any."""
+    return getattr(model, CHECKPOINT_ATTR, None)
+
+
+class StreamedWeights:
+    """Reads ``model``'s tensors from ``checkpoint`` by the names the model gives them.
+
+    Args:
+        model: the model (its parameters still on the meta device), names relative to it.
+        checkpoint: where its weights are.
+
+    Attributes:
+        bytes_read: bytes copied out of the checkpoint so far.
+    """
+
+    def __init__(self, model: nn.Module, checkpoint: SafetensorsCheckpoint) -> None:
+        self.checkpoint = checkpoint
+        self.bytes_read = 0
+        self._prefix = getattr(model, "base_model_prefix", "") or ""
+        # Every name of each parameter object (a tied head and its embedding are one parameter with two names).
+        names: dict[int, list[str]] = defaultdict(list)
+        for name, param in model.named_parameters(remove_duplicate=False):
+            names[id(param)].append(name)
+        self._aliases = {name: group for group in names.values() for name in group}
+        self._loaded: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta) -> (meta, loaded)
+
+    def key(self, name: str) -> str:
+        """The checkpoint's name for the model's tensor ``name`` (itself, a tied alias, or with/without the base
+        model's prefix).
+
+        Raises:
+            CheckpointError: when the checkpoint holds none of them.
+        """
+        candidates = []
+        for alias in self._aliases.get(name, [name]):
+            candidates.append(alias)
+            if self._prefix and alias.startswith(self._prefix + "."):
+                candidates.append(alias[len(self._prefix) + 1 :])
+            elif self._prefix:
+                candidates.append(f"{self._prefix}.{alias}")
+        for candidate in candidates:
+            if candidate in self.checkpoint:
+                return candidate
+        raise CheckpointError(
+            f"{self.checkpoint.directory} has no tensor for the model's {name!r} (looked for {candidates}). The "
+            "checkpoint is incomplete, or config.json describes another architecture than the weights."
+        )
+
+    def linear_weight(self, name: str, linear: nn.Linear, out: torch.Tensor) -> torch.Tensor:
+        """The weight of the linear ``name`` read into ``out`` (a buffer of the linear's shape on the target device,
+        in the checkpoint's dtype).
+        """
+        key = self.key(f"{name}.weight")
+        self.checkpoint.load(key, out.device, shape=tuple(linear.weight.shape), out=out)
+        self.bytes_read += self.checkpoint.info(key).nbytes
+        return out
+
+    def tensor(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The model's tensor ``name`` read onto ``device`` (floating ones in ``dtype``)."""
+        key = self.key(name)
+        info = self.checkpoint.info(key)
+        self.bytes_read += info.nbytes
+        return self.checkpoint.load(key, device, dtype if info.dtype.is_floating_point else info.dtype)
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype the checkpoint stores the model's tensor ``name`` in."""
+        return self.checkpoint.info(self.key(name)).dtype
+
+    def materialize(self, prefix: str, piece: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        """Read every parameter of ``piece`` (named ``prefix`` in the model) still on the meta device, floating ones
+        in ``dtype``, onto ``device``. A tied parameter already read is reused, so ties survive.
+        """
+        for module_name, module in piece.named_modules():
+            for param_name, param in list(module._parameters.items()):
+                if param is None or not param.is_meta:
+                    continue
+                if id(param) not in self._loaded:
+                    full_name = ".".join(part for part in (prefix, module_name, param_name) if part)
+                    key = self.key(full_name)
+                    info = self.checkpoint.info(key)
+                    target = dtype if info.dtype.is_floating_point else info.dtype
+                    value = self.checkpoint.load(key, device, target, shape=tuple(param.shape))
+                    self.bytes_read += info.nbytes
+                    self._loaded[id(param)] = (param, nn.Parameter(value, requires_grad=param.requires_grad))
+                module._parameters[param_name] = self._loaded[id(param)][1]
