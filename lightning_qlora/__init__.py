@@ -141,7 +141,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         unmerge_lora,
     )
     from lightning_qlora.optim.adamw8bit import AdamW8bit
-    from lightning_qlora.pretrained import stream_pretrained
     from lightning_qlora.optim.in_backward import OptimizerInBackward
+    from lightning_qlora.pretrained import stream_pretrained
     from lightning_qlora.quant import QuantizationReport, quantize_model
     from lightning_qlora.sharding import QuantStorageMismatchError
