@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from lightning_qlora._progress import progress_bar
-from lightning_qlora.calibration import CalibrationResult
+from lightning_qlora.calibration import CalibrationData, CalibrationReport, CalibrationResult
+from lightning_qlora.calibration.during_conversion import CalibrationDuringConversion
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.lora.inject import target_names, wrap_linears
 from lightning_qlora.lora.layer import LoRALinear
@@ -44,6 +45,7 @@ class ConversionSummary:
         trainable_params: parameters that require grad (the adapters).
         total_params: all parameters, a packed 4-bit weight counted by its logical ``out x in`` shape.
         quant: the settings it was converted with.
+        calibration: what calibrating during the conversion measured (``calibrate_on``), if it ran.
     """
 
     quantization: QuantizationReport
@@ -52,6 +54,7 @@ class ConversionSummary:
     trainable_params: int
     total_params: int
     quant: QuantConfig = field(default_factory=QuantConfig)
+    calibration: CalibrationReport | None = None
 
     @property
     def trainable_percent(self) -> float:
@@ -117,6 +120,7 @@ def iter_converted_blocks(
     *,
     device: torch.device | str | None = None,
     calibration: CalibrationResult | None = None,
+    calibrate_on: CalibrationData | None = None,
     block_classes: Sequence[str] | None = None,
 ) -> Iterator[ConvertedBlock]:
     """Convert ``model`` in place, block by block, yielding each block as soon as it is finished, then the root.
@@ -128,6 +132,9 @@ def iter_converted_blocks(
         lora: the adapters' settings; ``None`` only quantizes, casts and freezes.
         device: where the converted model lives; ``None`` keeps each tensor's device (meta ones go to the CPU).
         calibration: GPTQ codes and adapter factors from :func:`lightning_qlora.calibration.calibrate`.
+        calibrate_on: calibration batches instead: each block is calibrated in full precision (read from the
+            checkpoint for a streamed model) just before it is quantized, so the whole full-precision model is never
+            needed. The same statistics as :func:`~lightning_qlora.calibration.calibrate`.
         block_classes: class names of the blocks (default: :func:`~lightning_qlora.modules.find_blocks`'s).
 
     Yields:
@@ -136,6 +143,7 @@ def iter_converted_blocks(
 
     Raises:
         ValueError: the model has no linear layer, or ``lora.target_modules`` match none (before anything changes).
+        CalibrationError: ``calibrate_on`` for a model on the meta device with no checkpoint, or without blocks.
     """
     linears = require_linears(model)
     dtype = quant.torch_compute_dtype
@@ -158,6 +166,9 @@ def iter_converted_blocks(
     owner = {name: block_of(name) for name, _ in linears}
     adapted_all: list[str] = []
     initialized: list[str] = []
+    during = None
+    if calibrate_on is not None and not converted_before:
+        during = CalibrationDuringConversion(model, quant, lora, calibrate_on, streamed, target, block_of)
 
     # Each original linear is dropped as soon as it is replaced: its full-precision weight must not outlive it.
     pending = dict(linears)
@@ -165,6 +176,7 @@ def iter_converted_blocks(
 
     def finish(piece_name: str, piece: nn.Module) -> ConvertedBlock:
         quantized = []
+        block_rounded, block_factors = during.block(piece_name, piece) if during and piece_name else ({}, {})
         for name in [n for n in pending if owner[n] == piece_name]:
             linear = pending.pop(name)
             if converted_before:
@@ -172,7 +184,7 @@ def iter_converted_blocks(
             if quantizer.skips(name):
                 quantizer.keep(name, linear)
             else:
-                replace_submodule(model, name, quantizer.convert(name, linear))
+                replace_submodule(model, name, quantizer.convert(name, linear, block_rounded.get(name)))
                 quantized.append(name)
         if streamed is not None:
             streamed.materialize(piece_name, piece, target or torch.device("cpu"), dtype)
@@ -184,7 +196,7 @@ def iter_converted_blocks(
         adapted = wrap_linears(model, names, lora) if lora is not None else []
         adapted_all.extend(adapted)
         _freeze_base(piece)
-        initialized.extend(_initialize(model, adapted, adapter_init))
+        initialized.extend(_initialize(model, adapted, {**adapter_init, **block_factors}))
         return ConvertedBlock(piece_name, piece, quantized, adapted)
 
     bar = progress_bar(None, None, f"Converting to {quant.quant_type}", unit="block", total=len(blocks) + 1)
@@ -199,8 +211,13 @@ def iter_converted_blocks(
     report = quantizer.finish(model) if not converted_before else QuantizationReport()
     if rounded and not converted_before:
         setattr(model, CALIBRATION_ATTR, calibration.method if calibration is not None else "none")
+    calibrated = during.finish() if during is not None else None
+    if calibrated is not None and calibrated.layers:
+        setattr(model, CALIBRATION_ATTR, "gptq")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    root.summary = ConversionSummary(report, adapted_all, initialized, trainable, logical_param_count(model), quant)
+    root.summary = ConversionSummary(
+        report, adapted_all, initialized, trainable, logical_param_count(model), quant, calibrated
+    )
     yield root
 
 

@@ -129,3 +129,38 @@ def test_the_plugin_keeps_no_state_between_calls():
     # what it reports (the summary), never values parked for a later call to find.
     plugin = QLoRAPlugin()
     assert set(vars(plugin)) == {"quant", "lora", "compile", "precision", "dtype", "summary", "adapters_from_checkpoint"}
+
+
+@pytest.mark.parametrize("gptq", [False, True], ids=["cloq", "gptq+cloq"])
+def test_calibrating_block_by_block_while_converting_equals_calibrating_first(tiny_llama, gptq):
+    from lightning_qlora.calibration import CalibrationData
+
+    quant = QuantConfig(calibration="gptq" if gptq else "none")
+    lora = LoRAConfig(r=4, dropout=0.0, init_lora_weights="cloq")
+    batches = [_ids(seed=s) for s in range(3)]
+    first = copy.deepcopy(tiny_llama)
+    result = calibrate(first, batches, quant, lora, forward=lambda ids: first(input_ids=ids))
+    torch.manual_seed(1)
+    convert_model(first, quant, lora, calibration=result)
+    data = CalibrationData(batches, lambda ids: tiny_llama(input_ids=ids), gptq=gptq, adapter_init=True)
+    torch.manual_seed(1)
+    summary = None
+    for piece in iter_converted_blocks(tiny_llama, quant, lora, calibrate_on=data):
+        summary = piece.summary
+    assert summary.calibration is not None and len(summary.initialized) == 14
+    assert summary.calibration.layers == (14 if gptq else 0)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_llama(_ids()).logits, first(_ids()).logits, atol=0, rtol=0)
+
+
+def test_calibrating_a_random_meta_model_is_refused(tiny_llama_config):
+    from transformers import LlamaForCausalLM
+
+    from lightning_qlora.calibration import CalibrationData, CalibrationError
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_llama_config)
+    data = CalibrationData([_ids()], lambda ids: model(input_ids=ids), adapter_init=True)
+    lora = LoRAConfig(r=4, init_lora_weights="cloq")
+    with pytest.raises(CalibrationError, match=r"built on the meta device without a checkpoint.*stream_pretrained"):
+        list(iter_converted_blocks(model, QuantConfig(), lora, calibrate_on=data))

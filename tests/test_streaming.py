@@ -222,3 +222,24 @@ def test_a_directory_without_config_or_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"holds no safetensors weights"):
         stream_pretrained(tmp_path)
+
+
+def test_a_streamed_model_is_calibrated_block_by_block_as_the_loaded_one_is(tmp_path):
+    from lightning_qlora import calibrate, iter_converted_blocks
+    from lightning_qlora.calibration import CalibrationData
+
+    directory = _write(tmp_path / "ckpt")
+    quant, lora = QuantConfig(calibration="gptq"), LoRAConfig(r=4, dropout=0.0, init_lora_weights="cloq")
+    batches = [_ids(seed=s) for s in range(3)]
+    loaded = _from_memory(directory)
+    result = calibrate(loaded, batches, quant, lora, forward=lambda ids: loaded(input_ids=ids))
+    torch.manual_seed(2)
+    convert_model(loaded, quant, lora, calibration=result)
+    streamed = stream_pretrained(directory)
+    data = CalibrationData(batches, lambda ids: streamed(input_ids=ids), gptq=True, adapter_init=True)
+    torch.manual_seed(2)
+    pieces = list(iter_converted_blocks(streamed, quant, lora, device="cpu", calibrate_on=data))
+    assert len(pieces[-1].summary.initialized) == 21 and pieces[-1].summary.calibration.layers == 21
+    with torch.no_grad():
+        torch.testing.assert_close(streamed.eval()(_ids()).logits, loaded.eval()(_ids()).logits, atol=0, rtol=0)
+    assert streamed.model.embed_tokens.weight.dtype == torch.bfloat16  # cast once calibration is done

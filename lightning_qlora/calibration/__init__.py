@@ -7,7 +7,7 @@ Plain torch; importing it never imports Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,14 @@ from torch import nn
 
 from lightning_qlora.calibration.cloq import CLOQ_DAMPING, ErrorCorrectingInit, error_correcting_factors
 from lightning_qlora.calibration.gptq import GPTQ_DAMPING, CalibrationError, gptq_round, levels
-from lightning_qlora.calibration.statistics import CalibrationReport, calibrated_weights, default_forward
+from lightning_qlora.calibration.statistics import (
+    BlockCalibration,
+    CalibrationReport,
+    calibrated_weights,
+    default_forward,
+    eval_mode,
+    require_blocks,
+)
 from lightning_qlora.config import LoRAConfig, QuantConfig
 
 
@@ -35,6 +42,24 @@ class CalibrationResult:
     rounded: Mapping[str, torch.Tensor] = field(default_factory=dict)
     adapter_init: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     report: CalibrationReport = field(default_factory=CalibrationReport)
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Calibration batches for the recipe to calibrate on block by block while it converts (what a streamed model,
+    which never exists whole in full precision, needs).
+
+    Attributes:
+        batches: the calibration batches, on the device the model is converted on.
+        forward: runs the model on one batch.
+        gptq: choose GPTQ codes (``QuantConfig.calibration="gptq"``).
+        adapter_init: compute the error-correcting adapter factors (``init_lora_weights="cloq"``).
+    """
+
+    batches: Sequence[Any]
+    forward: Callable[[Any], Any]
+    gptq: bool = False
+    adapter_init: bool = False
 
 
 def calibrate(
@@ -76,6 +101,8 @@ def calibrate(
 __all__ = [
     "CLOQ_DAMPING",
     "GPTQ_DAMPING",
+    "BlockCalibration",
+    "CalibrationData",
     "CalibrationError",
     "CalibrationReport",
     "CalibrationResult",
@@ -84,6 +111,8 @@ __all__ = [
     "calibrated_weights",
     "default_forward",
     "error_correcting_factors",
+    "eval_mode",
     "gptq_round",
     "levels",
+    "require_blocks",
 ]

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,11 @@ class CalibrationReport:
     tokens: int = 0
     seconds: float = 0.0
 
+    def as_text(self) -> str:
+        """``"on 12,345 tokens per layer in 89 s (GPTQ codes for ...)"``, for the log."""
+        codes = f" (GPTQ codes for {self.layers} linears, {self.nearest} rounded to nearest)" if self.layers else ""
+        return f"on {self.tokens:,} tokens per layer in {self.seconds:.0f} s{codes}"
+
 
 def calibrated_weights(
     model: nn.Module,
@@ -92,86 +98,145 @@ def calibrated_weights(
     """
     config = config or QuantConfig()
     forward = forward or default_forward(model)
-    started = time.perf_counter()
-    if rounding not in ("gptq", "nearest"):
-        raise CalibrationError(f"rounding={rounding!r} must be 'gptq' or 'nearest'.")
     if any(p.is_meta for p in model.parameters()):
         raise CalibrationError(
             "calibration needs the full-precision weights, but the model has parameters on the meta device. Load the "
-            "pretrained weights first (calibration is for models that fit in memory before quantization), or use "
-            "calibration='none'."
+            "pretrained weights first (stream_pretrained(path) streams them, and the QLoRA strategies calibrate it "
+            "block by block), or use calibration='none'."
         )
+    blocks = require_blocks(model)
+    calibration = BlockCalibration(config, rounding, damping, on_layer)
+    rounded: dict[str, torch.Tensor] = {}
+    with eval_mode(model):  # no dropout in the statistics
+        calibration.begin(blocks[0][1], batches, forward)
+        desc = "Calibrating 4-bit rounding (GPTQ)" if rounding == "gptq" else "Gathering calibration statistics"
+        for block_name, block in progress_bar(blocks, progress if progress is not None else len(blocks) >= 8, desc):
+            rounded.update(calibration.block(block_name, block))
+    return rounded, calibration.finish(model, rounded)
+
+
+def require_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's transformer blocks, which calibration visits in order.
+
+    Raises:
+        CalibrationError: when it has none.
+    """
     blocks = find_blocks(model)
     if not blocks:
         raise CalibrationError(
             f"{type(model).__name__} has no transformer blocks (a ModuleList of layers with linears) to calibrate one "
-            "after another. Use calibration='none' (round to nearest)."
+            "after another. Use calibration='none' (round to nearest) and init_lora_weights='default'."
         )
-    batches = list(batches)
-    if not batches:
-        raise CalibrationError("calibration got no batches: give it some training data (e.g. 256 sequences).")
-    report = CalibrationReport()
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()  # no dropout in the statistics
-    try:
-        rounded = _calibrate_blocks(blocks, batches, forward, config, damping, progress, report, rounding, on_layer)
-    finally:
-        for module, training in was_training.items():
-            module.training = training
-    report.nearest = sum(
-        1 for name, _ in iter_linears(model) if name not in rounded and not matches_any(name, config.skip_modules)
-    )
-    report.seconds = time.perf_counter() - started
-    if rounding == "gptq":
-        log.info(
-            "Calibrated the 4-bit rounding of %d linears on %d tokens in %.0f s (%d rounded to nearest).",
-            report.layers, report.tokens, report.seconds, report.nearest,
-        )
-    else:
-        log.info("Gathered the input statistics of the linears on %d tokens in %.0f s.", report.tokens, report.seconds)
-    return rounded, report
+    return blocks
 
 
-def _calibrate_blocks(
-    blocks: list[tuple[str, nn.Module]],
-    batches: list[Any],
-    forward: Callable[[Any], Any],
-    config: QuantConfig,
-    damping: float,
-    progress: bool | None,
-    report: CalibrationReport,
-    rounding: str = "gptq",
-    on_layer: LayerStatisticsHook | None = None,
-) -> dict[str, torch.Tensor]:
-    inputs = _first_block_inputs(blocks[0][1], batches, forward)
-    rounded: dict[str, torch.Tensor] = {}
-    show = progress if progress is not None else len(blocks) >= 8
-    with torch.no_grad():
-        desc = "Calibrating 4-bit rounding (GPTQ)" if rounding == "gptq" else "Gathering calibration statistics"
-        for block_name, block in progress_bar(blocks, show, desc=desc):
-            linears = [
-                (f"{block_name}.{name}", module)
-                for name, module in iter_linears(block)
-                if not matches_any(f"{block_name}.{name}", config.skip_modules)
-            ]
-            modules = dict(linears)
-            second_moments, inputs = _input_second_moments(block, linears, inputs)
+class BlockCalibration:
+    """Calibration one transformer block at a time, as the conversion recipe reaches each block.
+
+    :meth:`begin` runs the batches up to the first block and keeps its inputs; :meth:`block` takes one
+    full-precision block's input statistics (and GPTQ codes), calls ``on_layer`` for each of its linears and moves the
+    inputs on to the block's outputs. So only the block being calibrated needs its full-precision weights.
+
+    Args:
+        config: the quantization settings (type, blocksize, ``skip_modules``).
+        rounding: ``"gptq"`` or ``"nearest"`` (statistics only).
+        damping: see :func:`~lightning_qlora.calibration.gptq.gptq_round`.
+        on_layer: see :func:`calibrated_weights`.
+
+    Raises:
+        CalibrationError: for an unknown ``rounding``.
+    """
+
+    def __init__(
+        self,
+        config: QuantConfig,
+        rounding: str = "gptq",
+        damping: float = GPTQ_DAMPING,
+        on_layer: LayerStatisticsHook | None = None,
+    ) -> None:
+        if rounding not in ("gptq", "nearest"):
+            raise CalibrationError(f"rounding={rounding!r} must be 'gptq' or 'nearest'.")
+        self.config = config
+        self.rounding = rounding
+        self.damping = damping
+        self.on_layer = on_layer
+        self.report = CalibrationReport()
+        self._inputs: list[_BlockInput] = []
+        self._started = time.perf_counter()
+
+    def begin(self, first_block: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any]) -> None:
+        """Run ``forward`` on each batch up to ``first_block`` and keep that block's arguments.
+
+        Raises:
+            CalibrationError: no batches, or a forward that never reaches the block.
+        """
+        batches = list(batches)
+        if not batches:
+            raise CalibrationError("calibration got no batches: give it some training data (e.g. 256 sequences).")
+        self._started = time.perf_counter()
+        self._inputs = _first_block_inputs(first_block, batches, forward)
+
+    def block(self, block_name: str, block: nn.Module) -> dict[str, torch.Tensor]:
+        """Calibrate the full-precision ``block`` (named ``block_name`` in the model) on the current inputs; returns
+        its GPTQ-rounded weights by qualified name (empty with ``rounding="nearest"``).
+        """
+        config, rounded = self.config, {}
+        linears = [
+            (f"{block_name}.{name}", module)
+            for name, module in iter_linears(block)
+            if not matches_any(f"{block_name}.{name}", config.skip_modules)
+        ]
+        modules = dict(linears)
+        with torch.no_grad(), eval_mode(block):
+            second_moments, self._inputs = _input_second_moments(block, linears, self._inputs)
             for names, total, tokens in second_moments:
                 hessian = total / max(tokens, 1)
-                report.tokens = tokens
-                if rounding == "gptq" and not modules[names[0]].in_features % config.blocksize:
+                self.report.tokens = tokens
+                if self.rounding == "gptq" and not modules[names[0]].in_features % config.blocksize:
                     # (else bitsandbytes' blocks would straddle rows: round to nearest)
                     # Rows are rounded independently given the shared statistics: one pass for all readers of an input.
                     stacked = torch.cat([modules[name].weight for name in names])
-                    result = gptq_round(stacked, hessian, config.quant_type, config.blocksize, damping)
-                    for name, part in zip(names, result.split([modules[n].out_features for n in names]), strict=False):
+                    result = gptq_round(stacked, hessian, config.quant_type, config.blocksize, self.damping)
+                    split = result.split([modules[n].out_features for n in names])
+                    for name, part in zip(names, split, strict=False):
                         rounded[name] = part.contiguous()
-                    report.layers += len(names)
-                if on_layer is not None:
+                    self.report.layers += len(names)
+                if self.on_layer is not None:
                     for name in names:
                         weight = modules[name].weight.detach()
-                        on_layer(name, weight, rounded.get(name, weight), hessian)
-    return rounded
+                        self.on_layer(name, weight, rounded.get(name, weight), hessian)
+        return rounded
+
+    def finish(self, model: nn.Module, rounded: Mapping[str, torch.Tensor]) -> CalibrationReport:
+        """The report, once every block was calibrated (``rounded``: all the GPTQ codes chosen)."""
+        report = self.report
+        skip = self.config.skip_modules
+        report.nearest = sum(
+            1 for name, _ in iter_linears(model) if name not in rounded and not matches_any(name, skip)
+        )
+        report.seconds = time.perf_counter() - self._started
+        if self.rounding == "gptq":
+            log.info(
+                "Calibrated the 4-bit rounding of %d linears on %d tokens in %.0f s (%d rounded to nearest).",
+                report.layers, report.tokens, report.seconds, report.nearest,
+            )
+        else:
+            log.info("Gathered the input statistics of the linears on %d tokens in %.0f s.", report.tokens,
+                     report.seconds)
+        self._inputs = []
+        return report
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside (no dropout in the statistics), each submodule's own mode restored after."""
+    was_training = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in was_training.items():
+            sub.training = training
 
 
 def default_forward(model: nn.Module) -> Callable[[Any], Any]:

@@ -18,7 +18,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_qlora.calibration import CalibrationError, CalibrationResult, calibrate, default_forward
+from lightning_qlora.calibration import (
+    CalibrationData,
+    CalibrationError,
+    CalibrationResult,
+    calibrate,
+    default_forward,
+)
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.convert import ConversionSummary, ConvertedBlock, iter_converted_blocks
 from lightning_qlora.kernels.compile import compile_blocks
@@ -149,15 +155,19 @@ class QLoRAPlugin(Precision):
         """
         lora = self.lora if self._computes_adapter_init() else None
         result = calibrate(adapter_root(module), batches, self.quant, lora, forward or default_forward(module))
-        report = result.report
-        codes = "."
-        if report.layers:
-            codes = f" (GPTQ codes for {report.layers} linears, {report.nearest} rounded to nearest)."
-        rank_zero_info(
-            f"Calibrated {self.describe_calibration()} on {report.tokens:,} tokens per layer in {report.seconds:.0f} s"
-            + codes
-        )
+        rank_zero_info(f"Calibrated {self.describe_calibration()} {result.report.as_text()}.")
         return result
+
+    def calibration_data(
+        self, module: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any] | None = None
+    ) -> CalibrationData:
+        """``batches`` as what :attr:`needs_calibration` asks the recipe to calibrate on while converting ``module``
+        (a LightningModule or a model); ``forward(batch)`` runs it (default: ``module(**batch)`` or ``module(batch)``).
+        """
+        return CalibrationData(
+            list(batches), forward or default_forward(module), gptq=self.quant.calibration == "gptq",
+            adapter_init=self._computes_adapter_init(),
+        )
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -176,11 +186,13 @@ class QLoRAPlugin(Precision):
         device: torch.device | None = None,
         calibration: CalibrationResult | None = None,
         block_classes: list[str] | None = None,
+        calibrate_on: CalibrationData | None = None,
     ) -> Iterator[ConvertedBlock]:
         """The recipe (:func:`~lightning_qlora.convert.iter_converted_blocks`) with this plugin's settings, on
         ``module``'s model: each transformer block as it is finished, then the root. Before the root is yielded the
         whole LightningModule is frozen but for its adapters, the blocks are compiled if asked, and :attr:`summary`
-        is set and logged.
+        is set and logged. Calibration comes as a result (``calibration``, e.g. from :meth:`calibrate`) or as
+        batches to calibrate on block by block while converting (``calibrate_on``, from :meth:`calibration_data`).
 
         Raises:
             CalibrationError: when :attr:`needs_calibration` and no ``calibration`` is given for a full-precision
@@ -189,7 +201,7 @@ class QLoRAPlugin(Precision):
         root = adapter_root(module)
         already_quantized = has_quantized_linears(root)
         needs_calibration = self.needs_calibration and not already_quantized
-        if needs_calibration and calibration is None:
+        if needs_calibration and calibration is None and calibrate_on is None:
             raise CalibrationError(
                 f"{self.describe_calibration()} comes from training data, but no calibration ran before conversion. "
                 "Use strategy='qlora' with a LightningDataModule (it calibrates on the first calibration_samples "
@@ -200,7 +212,7 @@ class QLoRAPlugin(Precision):
         self.adapters_from_checkpoint = False  # (one conversion's worth)
         for piece in iter_converted_blocks(
             root, self.quant, self.lora, device=device, calibration=calibration if needs_calibration else None,
-            block_classes=block_classes,
+            calibrate_on=calibrate_on if needs_calibration else None, block_classes=block_classes,
         ):
             if piece.is_root:
                 assert piece.summary is not None
@@ -208,6 +220,8 @@ class QLoRAPlugin(Precision):
             yield piece
 
     def _finish(self, module: nn.Module, root: nn.Module, summary: ConversionSummary, init_impossible: bool) -> None:
+        if summary.calibration is not None:
+            rank_zero_info(f"Calibrated {self.describe_calibration()} block by block {summary.calibration.as_text()}.")
         if self.lora is not None:
             mark_only_lora_as_trainable(module)  # parameters the LightningModule holds beside its model, too
             if summary.initialized:

@@ -95,8 +95,10 @@ class LinearQuantizer:
         if not linear.weight.is_meta:
             self._samples[name] = weight_sample(name, linear.weight)
 
-    def convert(self, name: str, linear: nn.Linear) -> nn.Module:
-        """The frozen layer that replaces ``linear``: 4-bit, or cast to the compute dtype for ``"none"``."""
+    def convert(self, name: str, linear: nn.Linear, rounded: torch.Tensor | None = None) -> nn.Module:
+        """The frozen layer that replaces ``linear``: 4-bit (from ``rounded`` when given: calibrated codes), or cast
+        to the compute dtype for ``"none"``.
+        """
         config = self.config
         target = self._target(linear)
         numel = linear.weight.numel()
@@ -116,7 +118,8 @@ class LinearQuantizer:
             else:
                 weight = _full_precision_weight(linear, target, self._scratch)
             self._samples[name] = weight_sample(name, weight)
-            packed_from = self.rounded[name].to(target) if name in self.rounded else weight
+            rounded = rounded if rounded is not None else self.rounded.get(name)
+            packed_from = rounded.to(target) if rounded is not None else weight
             new = quantized_linear(linear, packed_from, config, target)
             after = quantized_nbytes(new)
         else:

@@ -89,11 +89,15 @@ class StreamedWeights:
         """The dtype the checkpoint stores the model's tensor ``name`` in."""
         return self.checkpoint.info(self.key(name)).dtype
 
-    def materialize(self, prefix: str, piece: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    def materialize(
+        self, prefix: str, piece: nn.Module, device: torch.device, dtype: torch.dtype, recurse: bool = True
+    ) -> None:
         """Read every parameter of ``piece`` (named ``prefix`` in the model) still on the meta device, floating ones
-        in ``dtype``, onto ``device``. A tied parameter already read is reused, so ties survive.
+        in ``dtype``, onto ``device`` (``recurse=False``: only its own, not its submodules'). A tied parameter already
+        read is reused, so ties survive.
         """
-        for module_name, module in piece.named_modules():
+        modules = piece.named_modules() if recurse else [("", piece)]
+        for module_name, module in modules:
             for param_name, param in list(module._parameters.items()):
                 if param is None or not param.is_meta:
                     continue

@@ -90,9 +90,12 @@ class QLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
 
         assert self.model is not None
         mesh = self.device_mesh["data_parallel"]
-        calibration = self.calibration_result(trainer, plugin)
+        calibration = self.calibration_data(trainer, plugin)  # (None: FSDP refused calibration in connect)
         sharded: list[str] = []
-        for block in plugin.iter_converted_blocks(self.model, self.root_device, calibration, self.shard_modules):
+        blocks = plugin.iter_converted_blocks(
+            self.model, self.root_device, block_classes=self.shard_modules, calibrate_on=calibration
+        )
+        for block in blocks:
             if not block.is_root:
                 if not isinstance(block.module, FSDPModule):
                     shard_unit(block.module, mesh, plugin.dtype, reshard_after_forward=self.reshard_after_forward)

@@ -18,7 +18,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_qlora.calibration import CalibrationError, CalibrationResult
+from lightning_qlora.calibration import CalibrationData, CalibrationError
 from lightning_qlora.lightning.calibration_data import calibration_batches
 from lightning_qlora.lightning.oom import explain_out_of_memory
 from lightning_qlora.lightning.plugin import QLoRAPlugin
@@ -68,18 +68,20 @@ class QLoRAStrategyMixin(Strategy):
         """Calibrate if asked, then run the recipe on this device, handing each finished block to
         :meth:`consume_block`.
         """
-        calibration = self.calibration_result(trainer, plugin)
+        data = self.calibration_data(trainer, plugin)
         assert self.model is not None
-        for _ in plugin.iter_converted_blocks(self.model, self.root_device, calibration):
+        for _ in plugin.iter_converted_blocks(self.model, self.root_device, calibrate_on=data):
             pass  # each block stays on this device
 
-    def calibration_result(self, trainer: Trainer, plugin: QLoRAPlugin) -> CalibrationResult | None:
+    def calibration_data(self, trainer: Trainer, plugin: QLoRAPlugin) -> CalibrationData | None:
+        """The datamodule's first rows on this device, when the plugin's settings need calibration: the recipe
+        calibrates each block on them just before quantizing it.
+        """
         module = self.lightning_module
         if not plugin.needs_calibration or module is None or has_quantized_linears(adapter_root(module)):
             return None  # (a strategy that cannot calibrate refused already in connect)
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        batches = calibration_batches(trainer, plugin.quant.calibration_samples, device)
-        return plugin.calibrate(module, batches)
+        batches = calibration_batches(trainer, plugin.quant.calibration_samples, self.root_device)
+        return plugin.calibration_data(module, batches)
 
     def qlora_plugin(self) -> QLoRAPlugin:
         """The QLoRAPlugin (the default one when no precision was given).
