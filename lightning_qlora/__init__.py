@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "merge_lora": "lightning_qlora.lora",
     "quantize_model": "lightning_qlora.quant",
     "save_adapter": "lightning_qlora.lora",
+    "save_quantized": "lightning_qlora.quant.save",
     "stream_pretrained": "lightning_qlora.pretrained",
     "unmerge_lora": "lightning_qlora.lora",
 }
@@ -83,6 +84,7 @@ __all__ = [
     "merge_lora",
     "quantize_model",
     "save_adapter",
+    "save_quantized",
     "stream_pretrained",
     "unmerge_lora",
 ]
@@ -144,4 +146,5 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from lightning_qlora.optim.in_backward import OptimizerInBackward
     from lightning_qlora.pretrained import stream_pretrained
     from lightning_qlora.quant import QuantizationReport, quantize_model
+    from lightning_qlora.quant.save import save_quantized
     from lightning_qlora.sharding import QuantStorageMismatchError

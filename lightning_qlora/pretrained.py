@@ -67,6 +67,10 @@ def stream_pretrained(path: str | os.PathLike, model_class: Any = None, **config
     with parameters_on_meta():
         model = (model_class or AutoModelForCausalLM).from_config(config)
     model.config._name_or_path = str(directory)
+    if (directory / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)  # as from_pretrained would
     setattr(model, CHECKPOINT_ATTR, checkpoint)
     return model.train()
 

@@ -17,9 +17,16 @@ from torch import nn
 from lightning_qlora._progress import progress_bar
 from lightning_qlora.config import QuantConfig
 from lightning_qlora.modules import is_adapter_parameter, iter_linears, matches_any, replace_submodule
+from lightning_qlora.quant.checkpoint import CheckpointError
 from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR, digest_samples, weight_sample
 from lightning_qlora.quant.streaming import StreamedWeights
-from lightning_qlora.quant.weight import is_quantized_linear, quantized_linear, quantized_nbytes
+from lightning_qlora.quant.weight import (
+    QuantFormatMismatchError,
+    is_quantized_linear,
+    prequantized_linear,
+    quantized_linear,
+    quantized_nbytes,
+)
 
 # Set on a model whose 4-bit codes were calibrated (the method's name, e.g. "gptq"); recorded with its adapters.
 CALIBRATION_ATTR = "_lightning_qlora_calibration"
@@ -75,6 +82,7 @@ class LinearQuantizer:
     ) -> None:
         self.config = config
         self.streamed = streamed
+        self.prequantized: list[str] = []  # linears whose 4-bit bytes came from the checkpoint as they were
         self.device = torch.device(device) if device is not None else None
         self.rounded = rounded or {}
         self.report = QuantizationReport()
@@ -104,6 +112,22 @@ class LinearQuantizer:
         numel = linear.weight.numel()
         before = numel * linear.weight.element_size()
         streamed = self.streamed if linear.weight.is_meta else None
+        prequantized = streamed.prequantized(name) if streamed is not None and config.quantized else None
+        if streamed is not None and prequantized is not None:
+            packed, state = prequantized
+            try:
+                new = prequantized_linear(linear, packed, state, config, target)
+            except QuantFormatMismatchError as err:
+                raise CheckpointError(f"{streamed.checkpoint.directory}: {name}: {err}") from None
+            if linear.bias is not None:
+                bias = streamed.tensor(f"{name}.bias", target, config.torch_compute_dtype)
+                new.bias = nn.Parameter(bias, requires_grad=False)
+            self.prequantized.append(name)
+            self.report.quantized.append(name)
+            self.report.bytes_after += quantized_nbytes(new)
+            self.report.bytes_before += linear.weight.numel() * config.torch_compute_dtype.itemsize
+            self.report.num_params += linear.weight.numel()
+            return new
         if streamed is not None:
             before = numel * streamed.stored_dtype(f"{name}.weight").itemsize
             if linear.bias is not None:
@@ -141,6 +165,8 @@ class LinearQuantizer:
         if self.device is not None and self.device.type == "cuda" and self.report.quantized:
             torch.cuda.empty_cache()  # returns the scratch buffer's segment
         self.report.weights_sha256 = digest_samples(self._samples[n] for n in self._order if n in self._samples)
+        if self.prequantized:  # the full-precision weights were never here: the hash the checkpoint recorded, if any
+            self.report.weights_sha256 = self.streamed.recorded_fingerprint if self.streamed is not None else None
         setattr(model, WEIGHTS_HASH_ATTR, self.report.weights_sha256)
         return self.report
 

@@ -9,6 +9,7 @@ than one layer's full-precision weight exists at a time, on the device or on the
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import torch
@@ -18,6 +19,8 @@ from lightning_qlora.quant.checkpoint import CheckpointError, SafetensorsCheckpo
 
 # Set on a model whose parameters are on the meta device and whose weights are in a checkpoint on disk.
 CHECKPOINT_ATTR = "_lightning_qlora_checkpoint"
+# The safetensors header key under which a quantized checkpoint we save records its facts (base fingerprint, ...).
+METADATA_KEY = "lightning_qlora"
 
 
 def checkpoint_of(model: nn.Module) -> SafetensorsCheckpoint | None:
@@ -46,6 +49,7 @@ class StreamedWeights:
             names[id(param)].append(name)
         self._aliases = {name: group for group in names.values() for name in group}
         self._loaded: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta) -> (meta, loaded)
+        self._by_weight: dict[str, list[str]] | None = None
 
     def key(self, name: str) -> str:
         """The checkpoint's name for the model's tensor ``name`` (itself, a tied alias, or with/without the base
@@ -84,6 +88,37 @@ class StreamedWeights:
         info = self.checkpoint.info(key)
         self.bytes_read += info.nbytes
         return self.checkpoint.load(key, device, dtype if info.dtype.is_floating_point else info.dtype)
+
+    def prequantized(self, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """For a linear ``name`` stored 4-bit in the checkpoint (transformers' bitsandbytes format): its packed bytes
+        and quant-state tensors (keys without the ``<name>.weight.`` prefix); ``None`` for a full-precision one.
+        """
+        key = self.key(f"{name}.weight")
+        prefix = key + "."
+        if not any(n.startswith(prefix + "quant_state.bitsandbytes__") for n in self._state_names(prefix)):
+            return None
+        state = {n[len(prefix):]: self.checkpoint.load(n, torch.device("cpu")) for n in self._state_names(prefix)}
+        packed = self.checkpoint.load(key, torch.device("cpu"))
+        self.bytes_read += self.checkpoint.info(key).nbytes + sum(t.numel() * t.element_size() for t in state.values())
+        return packed, state
+
+    def _state_names(self, prefix: str) -> list[str]:
+        if self._by_weight is None:  # "<linear>.weight." -> its quant-state tensor names, built once
+            grouped: dict[str, list[str]] = defaultdict(list)
+            for tensor_name in self.checkpoint.tensors:
+                head, dot, _ = tensor_name.partition(".weight.")
+                if dot:
+                    grouped[head + dot].append(tensor_name)
+            self._by_weight = dict(grouped)
+        return self._by_weight.get(prefix, [])
+
+    @property
+    def recorded_fingerprint(self) -> str | None:
+        """The base weights' hash a checkpoint saved by :func:`lightning_qlora.save_quantized` records (the
+        full-precision weights are not there to sample).
+        """
+        facts = json.loads(self.checkpoint.metadata.get(METADATA_KEY, "{}"))
+        return facts.get("weights_sha256")
 
     def stored_dtype(self, name: str) -> torch.dtype:
         """The dtype the checkpoint stores the model's tensor ``name`` in."""

@@ -15,7 +15,12 @@ from torch import nn
 
 from lightning_qlora._imports import import_bitsandbytes
 from lightning_qlora.config import QuantConfig
+from lightning_qlora.errors import QLoRAError
 from lightning_qlora.modules import iter_linears
+
+
+class QuantFormatMismatchError(QLoRAError, ValueError):
+    """Packed 4-bit bytes are in another format than the QuantConfig asks for."""
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
@@ -125,25 +130,69 @@ def quantized_linear(linear: nn.Linear, weight: torch.Tensor, config: QuantConfi
     """A new 4-bit layer on ``device`` computing ``linear`` with ``weight`` packed by ``config`` (``linear``'s own
     weight is not read: ``weight`` may be calibrated codes, or the values a checkpoint holds).
     """
-    layer = linear4bit_class()(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=config.torch_compute_dtype,
-        compress_statistics=config.double_quant,
-        quant_type=config.quant_type,
-        quant_storage=config.torch_quant_storage,
-        device="meta",
-    )
+    layer = _empty_4bit_layer(linear, config, config.double_quant, config.quant_type, config.torch_quant_storage)
     set_quantized_weight(
         layer, weight, config.quant_type, config.blocksize, config.double_quant, config.torch_quant_storage,
         dequantize_to=config.torch_compute_dtype,
     )
+    _copy_bias(linear, layer, config, device)
+    return layer
+
+
+def prequantized_linear(
+    linear: nn.Linear, packed: torch.Tensor, state: dict[str, torch.Tensor], config: QuantConfig, device: torch.device
+) -> nn.Linear:
+    """A 4-bit layer on ``device`` holding bytes quantized elsewhere: ``packed`` and the quant-state tensors
+    bitsandbytes saves beside them (``absmax``, ``quant_map``, ``nested_*``, ``quant_state.bitsandbytes__nf4``), as
+    in transformers' 4-bit checkpoints. Nothing is re-quantized: the bytes stay the same.
+
+    Raises:
+        QuantFormatMismatchError: when the stored format differs from ``config`` (type, blocksize, double quant).
+    """
+    bnb = import_bitsandbytes()
+    quant_state = bnb.functional.QuantState.from_dict(dict(state), device=device)
+    found = (quant_state.quant_type, quant_state.blocksize, bool(quant_state.nested))
+    wanted = (config.quant_type, config.blocksize, config.double_quant)
+    if found != wanted:
+        raise QuantFormatMismatchError(
+            f"the checkpoint stores this layer as {found[0]}, blocksize {found[1]}, double quant {found[2]}, but "
+            f"QuantConfig asks for {wanted[0]}, blocksize {wanted[1]}, double quant {wanted[2]}. Use "
+            f"QuantConfig(quant_type={found[0]!r}, blocksize={found[1]}, double_quant={found[2]}) for this "
+            "checkpoint, or the full-precision checkpoint to quantize it your way."
+        )
+    quant_state.dtype = config.torch_compute_dtype
+    storage = packed.dtype
+    layer = _empty_4bit_layer(linear, config, bool(quant_state.nested), quant_state.quant_type, storage)
+    layer.weight = bnb.nn.Params4bit(
+        packed.to(device), requires_grad=False, quant_state=quant_state, blocksize=quant_state.blocksize,
+        compress_statistics=bool(quant_state.nested), quant_type=quant_state.quant_type, quant_storage=storage,
+        module=layer, bnb_quantized=True,
+    )
+    layer.quant_state = quant_state
+    _copy_bias(linear, layer, config, device)
+    return layer
+
+
+def _empty_4bit_layer(
+    linear: nn.Linear, config: QuantConfig, double_quant: bool, quant_type: str, storage: torch.dtype
+) -> Any:
+    return linear4bit_class()(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=config.torch_compute_dtype,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=storage,
+        device="meta",
+    )
+
+
+def _copy_bias(linear: nn.Linear, layer: nn.Linear, config: QuantConfig, device: torch.device) -> None:
     if linear.bias is not None:
         meta = linear.bias.is_meta
         bias = torch.zeros(linear.out_features, device=device) if meta else linear.bias.detach().to(device)
         layer.bias = nn.Parameter(bias.to(config.torch_compute_dtype), requires_grad=False)
-    return layer
 
 
 def dequantize_weight(module: nn.Linear) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torchmetrics.text import Perplexity
 from typing_extensions import override
 
 from lightning_qlora.app.data.tokenize import IGNORE_INDEX, prompt_text
-from lightning_qlora.app.models.pretrained import load_causal_lm
+from lightning_qlora.app.models.pretrained import causal_lm_for_fine_tuning
 from lightning_qlora.optim.adamw8bit import AdamW8bit
 from lightning_qlora.optim.in_backward import OptimizerInBackward
 
@@ -70,8 +70,7 @@ class CausalLMFineTune(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        # from_pretrained returns the model in eval mode; training must see dropout and train-mode layers.
-        self.model = load_causal_lm(self._settings.name_or_path).train()
+        self.model = causal_lm_for_fine_tuning(self._settings.name_or_path)
         if self._settings.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             # With a frozen base, the checkpointed blocks must see an input that requires grad.

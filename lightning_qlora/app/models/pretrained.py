@@ -139,6 +139,39 @@ def fix_chat_eos(tokenizer: Any, model: Any = None) -> bool:
     return changed
 
 
+def causal_lm_for_fine_tuning(name_or_path: str) -> Any:
+    """The causal LM the app fine-tunes: streamed from its safetensors checkpoint (parameters on the meta device, read
+    layer by layer into 4-bit by the QLoRA strategies: :func:`lightning_qlora.stream_pretrained`), or, for a
+    checkpoint without safetensors weights, loaded whole in memory first (a warning says so).
+
+    Raises:
+        PretrainedUnavailableError: when the model is neither a local directory nor in the Hugging Face cache.
+    """
+    from lightning_qlora.pretrained import stream_pretrained
+
+    directory = local_model_directory(name_or_path)
+    if directory is not None and any(directory.glob("*.safetensors")):
+        return stream_pretrained(directory)
+    log.warning(
+        "%s has no safetensors weights: loading the whole model in memory (fp32) before quantizing it. Save it with "
+        "save_pretrained(..., safe_serialization=True) to stream it layer by layer instead.", name_or_path,
+    )
+    return load_causal_lm(name_or_path).train()
+
+
+def local_model_directory(name_or_path: str) -> Path | None:
+    """``name_or_path`` as a local directory: itself, or its snapshot in the Hugging Face cache (never downloaded)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:  # not a repository id, or not in the cache: from_pretrained will say so
+        return None
+
+
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32) -> Any:
     """``AutoModelForCausalLM.from_pretrained(path)`` with a clear error when the model is not available offline."""
     from transformers import AutoModelForCausalLM
