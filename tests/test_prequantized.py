@@ -94,3 +94,20 @@ def test_saved_quantized_base_loads_in_transformers_and_back_and_keeps_the_finge
         torch.testing.assert_close(back.eval()(_ids()).logits, base.eval()(_ids()).logits, atol=0, rtol=0)
         # (transformers' layers in train mode: in eval mode on the CPU bitsandbytes repacks them for its gemv kernel)
         torch.testing.assert_close(theirs(_ids()).logits.float(), base(_ids()).logits.float(), atol=0, rtol=0)
+
+
+def test_the_quantize_command_writes_a_base_transformers_loads(tmp_path):
+    import subprocess
+    import sys
+
+    source = _full_precision(tmp_path / "fp")
+    (source / "tokenizer_config.json").write_text("{}")  # non-weight files travel with the copy
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_qlora.tools.quantize", str(source), "--out", str(tmp_path / "q"),
+         "--device", "cpu"], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "14" in result.stdout and "bits/param" in result.stdout
+    assert (tmp_path / "q" / "tokenizer_config.json").is_file()
+    theirs = _transformers_4bit(tmp_path / "q")
+    assert sum(is_quantized_linear(m) for _, m in iter_linears(theirs)) == 14

@@ -1,1 +1,3 @@
-"""Command-line tools: ``lightning-qlora-export`` (merge and export) and ``lightning-qlora-report`` (fidelity)."""
+"""Command-line tools: ``lightning-qlora-export`` (merge and export), ``lightning-qlora-report`` (fidelity) and
+``lightning-qlora-quantize`` (save a 4-bit base).
+"""
