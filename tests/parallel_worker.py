@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--compute-dtype", default="fp32")
     parser.add_argument("--dora", type=int, default=0)
+    parser.add_argument("--from-disk", default=None, help="a checkpoint directory streamed by stream_pretrained")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,6 +75,10 @@ def main() -> None:
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     module = SeededInit(config, lr=3e-3, optimizer=args.optimizer)
+    if args.from_disk:  # the model as a user streams it: parameters on the meta device, weights read at set-up
+        from lightning_qlora import stream_pretrained
+
+        module.model = stream_pretrained(args.from_disk)
     trainer = Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
@@ -107,6 +112,7 @@ def main() -> None:
         "packed_dtypes": sorted({str(m.weight.dtype) for _, m in iter_linears(module.model) if is_quantized_linear(m)}),
         "sharded_units": getattr(trainer.strategy, "sharded_units", []),
         "losses": module.losses,
+        "meta_left": [n for n, p in module.named_parameters() if p.is_meta],
     }
     state = trainable_state_dict(module)  # gathered: a collective under FSDP
     torch.save(state, out / f"adapters_rank{rank}.pt")

@@ -71,6 +71,26 @@ def test_fsdp_shards_base_and_adapters_and_matches_one_process_on_the_same_globa
         assert torch.equal(saved[peft_key], value), peft_key
 
 
+def test_fsdp_streams_a_checkpoint_from_disk_block_by_block_like_one_process(tmp_path):
+    # Each rank streams the checkpoint, quantizes a block and shards it, then the next: the same training as one
+    # process streaming the same checkpoint.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(5)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt", max_shard_size="60KB")
+    _run(tmp_path / "fsdp", "--devices", 2, "--batch", 4, "--epochs", 1, "--from-disk", tmp_path / "ckpt")
+    _run(tmp_path / "single", "--devices", 1, "--batch", 8, "--epochs", 1, "--strategy", "qlora",
+         "--from-disk", tmp_path / "ckpt")
+    facts = _facts(tmp_path / "fsdp")
+    assert facts["sharded_base"] and facts["sharded_units"] == ["model.layers.0", "model.layers.1"]
+    assert facts["meta_left"] == []
+    rank0 = torch.load(tmp_path / "fsdp" / "adapters_rank0.pt")
+    single = torch.load(tmp_path / "single" / "adapters_rank0.pt")
+    assert _max_diff(rank0, single) < 1e-6
+
+
 def test_dora_under_fsdp_matches_one_process(tmp_path):
     # DoRA's magnitude vector is a bare fp32 parameter beside the packed base inside each sharded block.
     _run(tmp_path / "fsdp", "--devices", 2, "--batch", 4, "--dora", 1)
