@@ -36,6 +36,14 @@ def _sample() -> None:
         time.sleep(0.1)
 
 
+def _anon_now() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dir")
@@ -68,6 +76,7 @@ def main() -> None:
     class Clock(Callback):
         def on_train_start(self, trainer, pl_module):
             marks["load_peak"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+            marks["anon_after_load"] = _anon_now()
             marks["loaded_s"] = time.time() - started
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -75,6 +84,10 @@ def main() -> None:
             marks.setdefault("losses", [])
             marks["losses"].append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
 
+    if cuda:
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")  # the CUDA context, before the clock starts (the anchor's is made in its load)
+    marks["anon_before_load"] = _anon_now()
     started = time.time()
     kind = FirstBlocks if args.layers else CausalLMFineTune
     module = kind(name_or_path=args.dir, lr=1e-4, warmup_steps=0, gradient_checkpointing=True)
@@ -97,6 +110,8 @@ def main() -> None:
         "device_peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "host_peak_anon_gib": round(PEAK["anon"], 2), "host_peak_file_gib": round(PEAK["file"], 2),
+        "host_anon_before_load_gib": round(marks["anon_before_load"], 2),
+        "host_anon_after_load_gib": round(marks.get("anon_after_load", 0.0), 2),
         "loaded_s": round(marks.get("loaded_s", 0.0), 1), "first_step_s": round(marks.get("first_step_s", 0.0), 1),
         "losses": marks.get("losses"),
     }), flush=True)

@@ -208,6 +208,8 @@ def iter_converted_blocks(
     _advance(bar, streamed)
     if bar is not None:
         bar.close()
+    if streamed is not None:
+        streamed.checkpoint.close()  # every tensor is read: let go of the memory maps
     report = quantizer.finish(model) if not converted_before else QuantizationReport()
     if rounded and not converted_before:
         setattr(model, CALIBRATION_ATTR, calibration.method if calibration is not None else "none")

@@ -1,7 +1,8 @@
 """A transformers checkpoint on disk, read one tensor at a time: ``model.safetensors`` or shards with their index.
 
-Shards are memory-mapped (``safetensors.safe_open``); a tensor is copied out only when asked for, so reading a layer
-costs that layer's bytes and nothing else. Every problem a damaged or mismatched checkpoint can have is found when it
+Shards are memory-mapped and a tensor is a view of its bytes in the page cache, copied once, straight to where it is
+wanted (the training device, or the recipe's reusable buffer there): reading a layer costs that layer's bytes and
+no copy of them in the process's own memory. Every problem a damaged or mismatched checkpoint can have is found when it
 is opened or when the tensor is asked for, and named with the file, the tensor and the fix: a missing shard, an index
 naming a missing file, a truncated or corrupted shard, a missing tensor, a tensor of the wrong shape, an unsupported
 dtype. Plain torch.
@@ -10,6 +11,7 @@ dtype. Plain torch.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # of the tensor's first byte in the file
 
     @property
     def nbytes(self) -> int:
@@ -71,7 +74,7 @@ class SafetensorsCheckpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         for file in self._files():
-            header = _read_header(file)
+            header, data_start = _read_header(file)
             self.metadata.update(header.pop("__metadata__", None) or {})
             for name, entry in header.items():
                 dtype = DTYPES.get(entry.get("dtype", ""))
@@ -80,8 +83,9 @@ class SafetensorsCheckpoint:
                         f"{file}: tensor {name!r} has dtype {entry.get('dtype')!r}, which is not supported (supported: "
                         f"{', '.join(DTYPES)}). Convert the checkpoint to bf16 or fp32 safetensors."
                     )
-                self.tensors[name] = TensorInfo(file, dtype, tuple(entry["shape"]))
-        self._handles: dict[Path, Any] = {}
+                offset = data_start + entry["data_offsets"][0]
+                self.tensors[name] = TensorInfo(file, dtype, tuple(entry["shape"]), offset)
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def _files(self) -> list[Path]:
         index = self.directory / INDEX_FILE
@@ -158,32 +162,40 @@ class SafetensorsCheckpoint:
                 f"{info.file}: tensor {name!r} has shape {list(info.shape)} but the model expects {list(shape)}. The "
                 "checkpoint does not match the model's config.json (another size or architecture)."
             )
-        try:
-            tensor = self._handle(info.file).get_tensor(name)
-        except Exception as err:  # safetensors raises its own error types for damaged data
-            raise CheckpointError(
-                f"{info.file}: tensor {name!r} cannot be read ({type(err).__name__}: {err}). The shard is damaged: "
-                "fetch it again."
-            ) from None
+        view = self.view(name)
         if out is not None:
-            out.copy_(tensor)
+            out.copy_(view)
             return out
-        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+        if device.type == "cpu" and (dtype is None or dtype == view.dtype):
+            return view.clone()  # its own memory, not a window onto the (read-only) file
+        return view.to(device=device, dtype=dtype or view.dtype)
 
-    def _handle(self, file: Path) -> Any:
-        if file not in self._handles:
-            from safetensors import safe_open
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as a view of its bytes in the memory-mapped file: no copy. Do not write to it."""
+        info = self.info(name)
+        numel = info.nbytes // info.dtype.itemsize
+        if numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        flat = torch.frombuffer(self._map(info.file), dtype=info.dtype, count=numel, offset=info.offset)
+        return flat.view(info.shape)
 
-            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return self._handles[file]
+    def _map(self, file: Path) -> mmap.mmap:
+        if file not in self._maps:
+            with open(file, "rb") as handle:
+                # Copy-on-write: a writable buffer for torch.frombuffer, whose pages stay the page cache's (shared,
+                # file-backed) as long as nothing writes to them.
+                self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[file]
 
     def close(self) -> None:
         """Drop the memory maps (they are opened again on the next read)."""
-        self._handles.clear()
+        self._maps.clear()
 
 
-def _read_header(file: Path) -> dict[str, Any]:
-    """The safetensors header of ``file``, checked against the file's size (a truncated shard is refused here)."""
+def _read_header(file: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header of ``file`` and where its data starts, checked against the file's size (a truncated
+    shard is refused here).
+    """
     size = file.stat().st_size
     try:
         with open(file, "rb") as handle:
@@ -201,4 +213,4 @@ def _read_header(file: Path) -> dict[str, Any]:
             f"{file} is truncated: its header describes {8 + length + end:,} bytes but the file has {size:,}. Fetch "
             "it again (an interrupted download or copy)."
         )
-    return header
+    return header, 8 + length
