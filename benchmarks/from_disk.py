@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--layers", type=int, default=None, help="build only the first N blocks of the checkpoint")
     parser.add_argument("--accelerator", default="gpu")
+    parser.add_argument("--trace-anon", action="store_true", help="host anonymous memory after each converted block")
     args = parser.parse_args()
     threading.Thread(target=_sample, daemon=True).start()
 
@@ -71,6 +72,18 @@ def main() -> None:
                 self.model.enable_input_require_grads()
 
     cuda = args.accelerator == "gpu"
+    trace: list[float] = []
+    if args.trace_anon:  # wrap the recipe the plugin runs: where does host memory grow?
+        import lightning_qlora.lightning.plugin as plugin_module
+
+        recipe = plugin_module.iter_converted_blocks
+
+        def traced(*a, **k):
+            for piece in recipe(*a, **k):
+                trace.append(round(_anon_now(), 2))
+                yield piece
+
+        plugin_module.iter_converted_blocks = traced
     marks: dict[str, float] = {}
 
     class Clock(Callback):
@@ -114,6 +127,7 @@ def main() -> None:
         "host_anon_after_load_gib": round(marks.get("anon_after_load", 0.0), 2),
         "loaded_s": round(marks.get("loaded_s", 0.0), 1), "first_step_s": round(marks.get("first_step_s", 0.0), 1),
         "losses": marks.get("losses"),
+        **({"anon_per_block_gib": trace} if args.trace_anon else {}),
     }), flush=True)
 
 

@@ -46,7 +46,9 @@ def main() -> None:
     parser.add_argument("--no-anchor", action="store_true")
     parser.add_argument("--timeout", type=int, default=300)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--trace-anon", action="store_true")
     args = parser.parse_args()
+    extra = ["--trace-anon"] if args.trace_anon else []
     out = Path(args.out)
     anchor = str(Path(args.anchors) / "peft_from_disk.py")
 
@@ -67,7 +69,7 @@ def main() -> None:
                 emit({"shape": shape, "side": "peft", **_run([sys.executable, anchor, "run", str(directory),
                                                                "--seq", str(seq)], args.timeout)})
             emit({"shape": shape, "side": "ours", **_run([sys.executable, str(HERE / "from_disk.py"), str(directory),
-                                                           "--seq", str(seq)], args.timeout)})
+                                                           "--seq", str(seq), *extra], args.timeout)})
         if args.layer_points:
             points = []
             for layers in map(int, args.layer_points.split(",")):
