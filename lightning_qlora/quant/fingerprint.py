@@ -27,22 +27,31 @@ class FingerprintMismatchError(QLoRAError, ValueError):
     """An adapter was trained on another base model than the one it is being loaded into."""
 
 
+Sample = tuple[str, tuple[int, ...], "bytes | torch.Tensor"]
+
+
 def weight_sample(name: str, weight: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
     """``(name, shape, bytes of 64 evenly spaced values rounded to bf16)``: what the weight hash is made of."""
+    return name, tuple(weight.shape), _as_bytes(sample_values(weight))
+
+
+def sample_values(weight: torch.Tensor) -> torch.Tensor:
+    """The 64 evenly spaced values of ``weight`` the hash takes, rounded to bf16, where ``weight`` is (no device
+    sync: a conversion can collect them and read them back once at the end).
+    """
     flat = weight.detach().reshape(-1)
     count = min(_SAMPLES_PER_LAYER, flat.numel())
     # Integer spacing: a float linspace rounds past the last index for tensors of ~2**24 values and more.
     index = torch.arange(count, device=flat.device, dtype=torch.long) * (flat.numel() - 1) // max(1, count - 1)
-    sample = flat[index].to(torch.bfloat16).float().cpu()
-    return name, tuple(weight.shape), sample.numpy().tobytes()
+    return flat[index].to(torch.bfloat16).float()
 
 
-def digest_samples(samples: Iterable[tuple[str, tuple[int, ...], bytes]]) -> str:
-    """sha256 over the samples of :func:`weight_sample`, in order."""
+def digest_samples(samples: Iterable[Sample]) -> str:
+    """sha256 over the samples of :func:`weight_sample` (or their :func:`sample_values`), in order."""
     digest = hashlib.sha256()
     for name, shape, values in samples:
         digest.update(f"{name}:{shape};".encode())
-        digest.update(values)
+        digest.update(values if isinstance(values, bytes) else _as_bytes(values))
     return digest.hexdigest()
 
 
@@ -91,3 +100,6 @@ def describe(fingerprint: dict[str, Any]) -> str:
     """``"<architecture> <name_or_path>"`` of a fingerprint, for messages."""
     return f"{fingerprint.get('architecture')} {fingerprint.get('name_or_path') or '(unnamed)'}"
 
+
+def _as_bytes(values: torch.Tensor) -> bytes:
+    return values.cpu().numpy().tobytes()

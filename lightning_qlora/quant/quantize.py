@@ -18,7 +18,7 @@ from lightning_qlora._progress import progress_bar
 from lightning_qlora.config import QuantConfig
 from lightning_qlora.modules import is_adapter_parameter, iter_linears, matches_any, replace_submodule
 from lightning_qlora.quant.checkpoint import CheckpointError
-from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR, digest_samples, weight_sample
+from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR, Sample, digest_samples, sample_values
 from lightning_qlora.quant.streaming import StreamedWeights
 from lightning_qlora.quant.weight import (
     QuantFormatMismatchError,
@@ -87,7 +87,7 @@ class LinearQuantizer:
         self.rounded = rounded or {}
         self.report = QuantizationReport()
         self._order = [name for name, _ in linears]
-        self._samples: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+        self._samples: dict[str, Sample] = {}
         to_convert = [m for name, m in linears if not self.skips(name)]
         self._scratch = _ScratchBuffers(max((m.weight.numel() for m in to_convert), default=0))
 
@@ -101,7 +101,7 @@ class LinearQuantizer:
         if self.streamed is not None and linear.weight.is_meta:
             self.streamed.materialize(name, linear, self._target(linear), self.config.torch_compute_dtype)
         if not linear.weight.is_meta:
-            self._samples[name] = weight_sample(name, linear.weight)
+            self._samples[name] = _sample(name, linear.weight)
 
     def convert(self, name: str, linear: nn.Linear, rounded: torch.Tensor | None = None) -> nn.Module:
         """The frozen layer that replaces ``linear``: 4-bit (from ``rounded`` when given: calibrated codes), or cast
@@ -141,14 +141,14 @@ class LinearQuantizer:
                 weight = streamed.linear_weight(name, linear, buffer)
             else:
                 weight = _full_precision_weight(linear, target, self._scratch)
-            self._samples[name] = weight_sample(name, weight)
+            self._samples[name] = _sample(name, weight)
             rounded = rounded if rounded is not None else self.rounded.get(name)
             packed_from = rounded.to(target) if rounded is not None else weight
             new = quantized_linear(linear, packed_from, config, target)
             after = quantized_nbytes(new)
         else:
             new = _cast_linear(linear, config.torch_compute_dtype, target)
-            self._samples[name] = weight_sample(name, new.weight)
+            self._samples[name] = _sample(name, new.weight)
             after = new.weight.numel() * new.weight.element_size()
         self.report.quantized.append(name)
         self.report.bytes_before += before
@@ -241,6 +241,10 @@ def freeze(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         if not is_adapter_parameter(name):
             param.requires_grad_(False)
+
+
+def _sample(name: str, weight: torch.Tensor) -> Sample:
+    return name, tuple(weight.shape), sample_values(weight)
 
 
 def _cast_linear(linear: nn.Linear, dtype: torch.dtype, device: torch.device) -> nn.Linear:
