@@ -53,7 +53,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="build only the first N blocks of the checkpoint")
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--trace-anon", action="store_true", help="host anonymous memory after each converted block")
+    parser.add_argument("--no-prefetch", action="store_true", help="read each weight on the main thread (A/B)")
     args = parser.parse_args()
+    if args.no_prefetch:
+        from lightning_qlora.quant.streaming import StreamedWeights
+
+        StreamedWeights.prefetch = lambda self, names, device: None  # type: ignore[method-assign]
     threading.Thread(target=_sample, daemon=True).start()
 
     from lightning.pytorch import Callback, Trainer
@@ -126,7 +131,7 @@ def main() -> None:
         "host_anon_before_load_gib": round(marks["anon_before_load"], 2),
         "host_anon_after_load_gib": round(marks.get("anon_after_load", 0.0), 2),
         "loaded_s": round(marks.get("loaded_s", 0.0), 1), "first_step_s": round(marks.get("first_step_s", 0.0), 1),
-        "losses": marks.get("losses"),
+        "losses": marks.get("losses"), "prefetch": not args.no_prefetch,
         **({"anon_per_block_gib": trace} if args.trace_anon else {}),
     }), flush=True)
 

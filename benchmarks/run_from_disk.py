@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300)
     parser.add_argument("--out", required=True)
     parser.add_argument("--trace-anon", action="store_true")
+    parser.add_argument("--also-no-prefetch", action="store_true", help="ours without prefetch too, at the first seq")
     args = parser.parse_args()
     extra = ["--trace-anon"] if args.trace_anon else []
     out = Path(args.out)
@@ -70,6 +71,10 @@ def main() -> None:
                                                                "--seq", str(seq)], args.timeout)})
             emit({"shape": shape, "side": "ours", **_run([sys.executable, str(HERE / "from_disk.py"), str(directory),
                                                            "--seq", str(seq), *extra], args.timeout)})
+        if args.also_no_prefetch:
+            emit({"shape": shape, "side": "ours", **_run([sys.executable, str(HERE / "from_disk.py"), str(directory),
+                                                           "--seq", args.seqs.split(",")[0], "--no-prefetch"],
+                                                          args.timeout)})
         if args.layer_points:
             points = []
             for layers in map(int, args.layer_points.split(",")):

@@ -170,6 +170,14 @@ def iter_converted_blocks(
     if calibrate_on is not None and not converted_before:
         during = CalibrationDuringConversion(model, quant, lora, calibrate_on, streamed, target, block_of)
 
+    if streamed is not None and target is not None and during is None and quant.quantized:
+        # The order finish() reads them in: block by block, then the root's.
+        order = [b for b, _ in blocks] + [""]
+        streamed.prefetch(
+            [n for block in order for n, m in linears if owner[n] == block and m.weight.is_meta
+             and not quantizer.skips(n) and not streamed.is_prequantized(n)],
+            target,
+        )
     # Each original linear is dropped as soon as it is replaced: its full-precision weight must not outlive it.
     pending = dict(linears)
     del linears
@@ -209,7 +217,7 @@ def iter_converted_blocks(
     if bar is not None:
         bar.close()
     if streamed is not None:
-        streamed.checkpoint.close()  # every tensor is read: let go of the memory maps
+        streamed.close()  # every tensor is read: let go of the memory maps
     report = quantizer.finish(model) if not converted_before else QuantizationReport()
     if rounded and not converted_before:
         setattr(model, CALIBRATION_ATTR, calibration.method if calibration is not None else "none")

@@ -240,3 +240,37 @@ def test_a_streamed_model_is_calibrated_block_by_block_as_the_loaded_one_is(tmp_
     with torch.no_grad():
         torch.testing.assert_close(streamed.eval()(_ids()).logits, loaded.eval()(_ids()).logits, atol=0, rtol=0)
     assert streamed.model.embed_tokens.weight.dtype == torch.bfloat16  # cast once calibration is done
+
+
+@pytest.mark.gpu
+def test_streaming_to_cuda_with_prefetch_packs_the_same_bytes(tmp_path, monkeypatch):
+    from lightning_qlora.quant.streaming import StreamedWeights
+
+    directory = _write(tmp_path / "ckpt")
+    prefetched = stream_pretrained(directory)
+    convert_model(prefetched, QuantConfig(), None, device="cuda")
+    monkeypatch.setattr(StreamedWeights, "prefetch", lambda self, names, device: None)
+    plain = stream_pretrained(directory)
+    convert_model(plain, QuantConfig(), None, device="cuda")
+    for (name, a), (_, b) in zip(prefetched.named_parameters(), plain.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_the_model_stays_on_its_device_when_fit_ends(tiny_llama_config):
+    # Lightning's teardown moves the model to the CPU: for a 4-bit model, a second copy of it in host memory.
+    from helpers import CausalLMModule, fast_trainer, token_loader
+    from lightning_qlora import QLoRAPlugin
+
+    class Recording(CausalLMModule):
+        moved = 0
+
+        def cpu(self):
+            Recording.moved += 1
+            return super().cpu()
+
+    fast_trainer(plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], max_steps=1).fit(Recording(tiny_llama_config), token_loader())
+    assert Recording.moved == 1  # Lightning's own strategy does move it
+    Recording.moved = 0
+    module = Recording(tiny_llama_config)
+    fast_trainer(strategy="qlora", plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], max_steps=1).fit(module, token_loader())
+    assert Recording.moved == 0 and "cpu" not in vars(module)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.quant.checkpoint import CheckpointError, SafetensorsCheckpoint
+from lightning_qlora.quant.prefetch import WeightPrefetcher
 
 # Set on a model whose parameters are on the meta device and whose weights are in a checkpoint on disk.
 CHECKPOINT_ATTR = "_lightning_qlora_checkpoint"
@@ -50,6 +51,7 @@ class StreamedWeights:
         self._aliases = {name: group for group in names.values() for name in group}
         self._loaded: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta) -> (meta, loaded)
         self._by_weight: dict[str, list[str]] | None = None
+        self._prefetcher: WeightPrefetcher | None = None
 
     def key(self, name: str) -> str:
         """The checkpoint's name for the model's tensor ``name`` (itself, a tied alias, or with/without the base
@@ -78,9 +80,40 @@ class StreamedWeights:
         in the checkpoint's dtype).
         """
         key = self.key(f"{name}.weight")
+        info = self.checkpoint.info(key)
+        self.bytes_read += info.nbytes
+        if self._prefetcher is not None and info.shape == tuple(linear.weight.shape):
+            if self._prefetcher.expects(key):
+                return self._prefetcher.copy_into(key, out)
+            self._prefetcher.stop()  # read out of the planned order: back to plain reads from here on
+            self._prefetcher = None
         self.checkpoint.load(key, out.device, shape=tuple(linear.weight.shape), out=out)
-        self.bytes_read += self.checkpoint.info(key).nbytes
         return out
+
+    def prefetch(self, names: list[str], device: torch.device) -> None:
+        """Read the weights of the linears ``names`` (in the order :meth:`linear_weight` will ask for them) ahead, on
+        a thread, into pinned memory: on CUDA the disk and the copies then overlap the quantization.
+        """
+        if device.type != "cuda" or not names:
+            return
+        keys = [self.key(f"{name}.weight") for name in names]
+        infos = [self.checkpoint.info(key) for key in keys]
+        if len({info.dtype for info in infos}) != 1:
+            return  # (mixed dtypes: plain reads)
+        numel = max(info.nbytes // info.dtype.itemsize for info in infos)
+        self._prefetcher = WeightPrefetcher(keys, self.checkpoint.view, numel, infos[0].dtype)
+
+    def close(self) -> None:
+        """Stop prefetching and let go of the checkpoint's memory maps."""
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            self._prefetcher = None
+        self.checkpoint.close()
+
+    def is_prequantized(self, name: str) -> bool:
+        """Whether the checkpoint stores the linear ``name`` 4-bit already (its quant-state tensors are there)."""
+        prefix = self.key(f"{name}.weight") + "."
+        return any(n.startswith(prefix + "quant_state.bitsandbytes__") for n in self._state_names(prefix))
 
     def tensor(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The model's tensor ``name`` read onto ``device`` (floating ones in ``dtype``)."""
@@ -93,10 +126,10 @@ class StreamedWeights:
         """For a linear ``name`` stored 4-bit in the checkpoint (transformers' bitsandbytes format): its packed bytes
         and quant-state tensors (keys without the ``<name>.weight.`` prefix); ``None`` for a full-precision one.
         """
+        if not self.is_prequantized(name):
+            return None
         key = self.key(f"{name}.weight")
         prefix = key + "."
-        if not any(n.startswith(prefix + "quant_state.bitsandbytes__") for n in self._state_names(prefix)):
-            return None
         state = {n[len(prefix):]: self.checkpoint.load(n, torch.device("cpu")) for n in self._state_names(prefix)}
         packed = self.checkpoint.load(key, torch.device("cpu"))
         self.bytes_read += self.checkpoint.info(key).nbytes + sum(t.numel() * t.element_size() for t in state.values())

@@ -139,6 +139,22 @@ class QLoRAStrategyMixin(Strategy):
             )
 
     @override
+    def teardown(self) -> None:
+        # Lightning moves the model to the CPU when fit ends. For a 4-bit model that is a second copy of it in host
+        # memory (8.8 GiB at 13B, measured on the H200), undone by the next validate() or fit(): it stays on the
+        # device instead. Everything else of Lightning's teardown runs as usual.
+        module = self.lightning_module
+        if module is None:
+            super().teardown()
+            return
+        # (shadowed on this instance, for this call only)
+        module.cpu = lambda: module  # type: ignore[method-assign]
+        try:
+            super().teardown()
+        finally:
+            del module.cpu
+
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         with explain_out_of_memory(self, "the forward pass"):
             return super().training_step(*args, **kwargs)
