@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_qlora import LoRAConfig, QLoRAPlugin
+from lightning_qlora import AdapterCheckpoint, LoRAConfig, QLoRAPlugin
 from lightning_qlora.app.data import InstructionDataModule
 from lightning_qlora.app.models import CausalLMFineTune
 
@@ -36,13 +36,14 @@ class RecordLoss(Callback):
 
 
 class KillAt(Callback):
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, signum: int = signal.SIGKILL) -> None:
         self.step = step
+        self.signum = signum
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # In the middle of a step: after the checkpoint of the previous step, before this step's update.
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)
 
 
 def main() -> None:
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=24)
     parser.add_argument("--kill-at", type=int, default=-1)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM", "INT"])
+    parser.add_argument("--checkpoint-every", type=int, default=1)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,10 +63,12 @@ def main() -> None:
     seed_everything(7, verbose=False)
     datamodule = InstructionDataModule(args.model, source="jsonl", path=args.data, max_length=48, batch_size=4, val_size=4)
     module = CausalLMFineTune(args.model, lr=5e-3, warmup_steps=2)
-    callbacks = [RecordLoss(out / "losses.txt"), ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=1,
-                                                                   save_last=True, save_top_k=0)]
+    callbacks = [RecordLoss(out / "losses.txt"),
+                 ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=args.checkpoint_every, save_last=True,
+                                 save_top_k=0),
+                 AdapterCheckpoint(out / "adapter", every_n_train_steps=0)]
     if args.kill_at >= 0:
-        callbacks.append(KillAt(args.kill_at))
+        callbacks.append(KillAt(args.kill_at, getattr(signal, f"SIG{args.signal}")))
     trainer = Trainer(
         accelerator="cpu", strategy="qlora", max_steps=args.max_steps, callbacks=callbacks, logger=False,
         plugins=[QLoRAPlugin(lora=LoRAConfig(r=4, alpha=8, dropout=0.1))],

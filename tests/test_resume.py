@@ -69,3 +69,24 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_setup, tmp
     state = torch.load(ckpt, weights_only=True)
     assert all(".lora_" in key for key in state["state_dict"])
     assert ckpt.stat().st_size < 0.5 * base
+
+
+@pytest.mark.parametrize(("signame", "status"), [("TERM", 143), ("INT", 130)])
+def test_sigterm_or_ctrl_c_saves_the_step_reached_exits_nonzero_and_resumes_exactly(tiny_setup, tmp_path, signame, status):
+    from lightning_qlora.lora import read_adapter_metadata
+
+    reference = _run(tiny_setup, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    # Checkpoints only every 100 steps: what survives the signal is what the stop itself saved.
+    stopped = _run(tiny_setup, tmp_path / "stopped", "--kill-at", "10", "--signal", signame, "--checkpoint-every", "100")
+    assert stopped.returncode == status, stopped.stderr[-3000:]
+    assert "Resume it exactly" in stopped.stderr
+    last = torch.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 11  # the batch in flight finished, nothing after it ran
+    assert read_adapter_metadata(tmp_path / "stopped" / "adapter" / "last")["global_step"] == 11
+    resumed = _run(tiny_setup, tmp_path / "stopped", "--resume", "--checkpoint-every", "100")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = _losses(tmp_path / "reference" / "losses.txt"), _losses(tmp_path / "stopped" / "losses.txt")
+    assert sorted(got) == list(range(1, 25))
+    for step in range(1, 25):
+        assert abs(got[step] - expected[step]) <= 1e-4, (step, got[step], expected[step])

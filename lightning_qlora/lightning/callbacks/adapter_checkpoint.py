@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lightning_qlora.lightning.interruption import is_graceful_stop
 from lightning_qlora.lora.peft_format import adapter_state_dict, save_adapter
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,28 @@ class AdapterCheckpoint(Callback):
         if self.save_last or not self.every_n_train_steps:
             self.save(trainer, pl_module, "last" if self.save_last else f"step-{trainer.global_step:06d}")
 
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if is_graceful_stop(exception) and (self.save_last or not self.every_n_train_steps):
+            self.save(trainer, pl_module, "last" if self.save_last else f"step-{trainer.global_step:06d}")
+
     def save(self, trainer: Trainer, pl_module: LightningModule, name: str) -> Path | None:
-        """Save the adapters under ``dirpath/name`` (and refresh ``dirpath/last``), on rank zero only."""
+        """Save the adapters under ``dirpath/name`` (and refresh ``dirpath/last``), on rank zero only.
+
+        Adapters holding NaN or inf are never written (the last good adapter on disk stays): an error is logged and
+        ``None`` returned.
+        """
         assert self.dirpath is not None
         names = [name] + (["last"] if self.save_last and name != "last" else [])
         state = adapter_state_dict(pl_module)  # on every rank: sharded (FSDP) adapters are gathered collectively
+        broken = [key for key, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+        if broken:
+            log.error(
+                "Not saving the adapters at step %d: %d tensor(s) hold NaN or inf (e.g. %s); the last adapter saved "
+                "in %s stays as it was. Lower the learning rate or clip gradients.",
+                trainer.global_step, len(broken), broken[0], self.dirpath,
+            )
+            return None
         if trainer.is_global_zero:
             metadata = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
             for each in names:

@@ -15,11 +15,13 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_qlora.calibration import CalibrationData, CalibrationError
 from lightning_qlora.lightning.calibration_data import calibration_batches
+from lightning_qlora.lightning.interruption import GracefulInterrupt, is_graceful_stop, save_interrupted_run
 from lightning_qlora.lightning.oom import explain_out_of_memory
 from lightning_qlora.lightning.plugin import QLoRAPlugin
 from lightning_qlora.lora.state import load_trainable_state_dict, trainable_state_dict
@@ -139,7 +141,28 @@ class QLoRAStrategyMixin(Strategy):
             )
 
     @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._interrupt.install()  # a first Ctrl-C stops after the batch and saves, as SIGTERM does
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        module = self.lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is not None and is_graceful_stop(exception):
+            assert isinstance(exception, SIGTERMException)
+            save_interrupted_run(trainer, exception, by_ctrl_c=self._interrupt.pressed)
+
+    @property
+    def _interrupt(self) -> GracefulInterrupt:
+        if not hasattr(self, "_graceful_interrupt"):
+            self._graceful_interrupt = GracefulInterrupt()
+        return self._graceful_interrupt
+
+    @override
     def teardown(self) -> None:
+        self._interrupt.remove()
         # Lightning moves the model to the CPU when fit ends. For a 4-bit model that is a second copy of it in host
         # memory (8.8 GiB at 13B, measured on the H200), undone by the next validate() or fit(): it stays on the
         # device instead. Everything else of Lightning's teardown runs as usual.
