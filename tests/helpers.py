@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -121,3 +124,16 @@ def assert_merge_round_trip(model, ids) -> None:
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=0)
     unmerge_lora(model)
     assert all(torch.equal(m.base_layer.weight, before[n]) for n, m in iter_lora_layers(model))
+
+
+class SignalAt(Callback):
+    """Sends this process ``signame`` (``TERM``, ``INT``) at the start of optimizer step ``step``: a scheduler's
+    SIGTERM or a user's Ctrl-C at a known point (usable from the app: ``+callbacks.stop._target_=helpers.SignalAt``)."""
+
+    def __init__(self, step: int, signame: str = "TERM") -> None:
+        self.step = step
+        self.signum = getattr(signal, f"SIG{signame}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

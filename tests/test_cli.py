@@ -79,7 +79,9 @@ def test_jsonl_data_requires_a_path():
 
 
 def _run_app(args, cwd, timeout=900):
-    env = dict(os.environ, WANDB_MODE="", HYDRA_FULL_ERROR="1")
+    # (tests/ on the path: a test can add one of its callbacks, e.g. +callbacks.stop._target_=helpers.SignalAt)
+    pythonpath = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, WANDB_MODE="", HYDRA_FULL_ERROR="1", PYTHONPATH=pythonpath)
     env.pop("WANDB_MODE")
     env.pop("WANDB_API_KEY", None)
     return subprocess.run(
@@ -202,3 +204,21 @@ def test_example_script_runs(tmp_path, smollm2_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PEFT loaded the adapter: 2,442,240 LoRA parameters" in result.stdout
+
+
+def test_sigterm_saves_the_run_exits_nonzero_and_resume_continues_it(tmp_path, smollm2_path):
+    common = ["experiment=smoke", "trainer.accelerator=cpu", "lora.init_lora_weights=default", "logger=none",
+              "eval.sample_terms=0", "trainer.max_steps=6", "callbacks.resume_checkpoint.every_n_train_steps=100"]
+    stopped = _run_app([*common, "+callbacks.stop._target_=helpers.SignalAt", "+callbacks.stop.step=3"], cwd=tmp_path)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    run_dir = next((tmp_path / "outputs").glob("*/*"))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["interrupted"] and results["steps"] == 4
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    assert results["resume_command"] == f"lightning-qlora resume={checkpoint}"
+    assert (run_dir / "adapter" / "last" / "adapter_model.safetensors").is_file()
+    resumed = _run_app([*common, "resume=last"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    second = max((tmp_path / "outputs").glob("*/*"), key=lambda p: p.stat().st_mtime)
+    results = json.loads((second / "results.json").read_text())
+    assert results["steps"] == 6 and results["resumed_from"] == str(checkpoint.resolve())

@@ -43,9 +43,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _quiet_known_noise()
     from hydra.utils import instantiate
     from lightning.pytorch import seed_everything
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lightning_qlora.app.models.pretrained import resolve_pretrained
     from lightning_qlora.lightning.callbacks import AdapterCheckpoint, PeakMemoryMonitor, TrainingCurves
+    from lightning_qlora.lightning.interruption import interrupted_checkpoint_path
     from lightning_qlora.lightning.plugin import QLoRAPlugin
     from lightning_qlora.lora.peft_format import adapter_state_dict, save_adapter
 
@@ -62,6 +64,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     logger: Any = instantiate(cfg.logger) if cfg.get("logger") else False
     plugin = QLoRAPlugin(quant=quant, lora=lora, compile=_compile_setting(cfg.get("compile", False)))
+    resume = resume_checkpoint(cfg.get("resume"))
+    if resume is not None:
+        plugin.restore_adapters_from_checkpoint()  # the checkpoint's adapters replace any initial ones
     trainer = instantiate(cfg.trainer, plugins=[plugin], callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -71,14 +76,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"run_dir": str(run_dir), "model": cfg.model.name_or_path, "data": datamodule.describe()}
 
     # Validation also sets the model up (quantize + inject) so that the "before" answers come from the 4-bit base.
-    before_ppl = _validate(trainer, module, datamodule) if cfg.eval.perplexity or samples else None
+    before_ppl = _validate(trainer, module, datamodule) if (cfg.eval.perplexity or samples) and not resume else None
     results["perplexity_before"] = before_ppl if cfg.eval.perplexity else None
     before = module.generate_answers(
         datamodule.tokenizer, [s.prompt for s in samples], cfg.eval.max_new_tokens, datamodule.system_prompt
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule)
+    try:
+        trainer.fit(module, datamodule, ckpt_path=str(resume) if resume else None)
+    except SIGTERMException:
+        if trainer.is_global_zero:  # the strategy saved the step reached; say where, and exit non-zero
+            checkpoint = interrupted_checkpoint_path(trainer)
+            results.update(interrupted=True, steps=trainer.global_step, resume_checkpoint=str(checkpoint),
+                           resume_command=f"lightning-qlora resume={checkpoint}")
+            (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        raise
     fit_seconds = time.perf_counter() - started
+    results["resumed_from"] = str(resume) if resume else None
     results["perplexity_after"] = _validate(trainer, module, datamodule) if cfg.eval.perplexity else None
     after = module.generate_answers(
         datamodule.tokenizer, [s.prompt for s in samples], cfg.eval.max_new_tokens, datamodule.system_prompt
@@ -118,6 +132,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _print_report(results)
     return results
+
+
+def resume_checkpoint(value: Any) -> Path | None:
+    """The checkpoint ``resume=`` names: a ``.ckpt`` path, or ``last`` for the newest ``last.ckpt`` of the runs
+    under ``outputs/`` and ``multirun/`` (what an interrupted run saved).
+
+    Raises:
+        FileNotFoundError: when there is no such checkpoint, naming where it looked.
+    """
+    if value in (None, "", False):
+        return None
+    if str(value) == "last":
+        found = [p for root in ("outputs", "multirun") for p in Path(root).glob("**/checkpoints/last.ckpt")]
+        if not found:
+            raise FileNotFoundError(
+                "resume=last found no checkpoints/last.ckpt under outputs/ or multirun/ here. Pass the path: "
+                "resume=outputs/<date>/<time>/checkpoints/last.ckpt"
+            )
+        return max(found, key=lambda p: p.stat().st_mtime).resolve()
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={value}: no such checkpoint file. Point it at a run's checkpoints/last.ckpt.")
+    return path.resolve()
 
 
 def _quiet_known_noise() -> None:
