@@ -1,29 +1,162 @@
-"""Write a directory so that readers see either the old complete one or the new complete one, never a half."""
+"""Writes that a reader sees whole or not at all, and that never touch anything but the files they write.
+
+- :func:`write_file_atomically`: a file is written beside its target under a hidden temporary name, synced, then
+  renamed over it; a process killed at any point leaves the previous file (or none) and a stale temporary the next
+  write removes.
+- :func:`output_directory`: the directory files are written into, created with the usual permissions; a *file* at
+  that path is refused. Other files in the directory are left alone (as transformers and PEFT do).
+- :func:`writer_lock`: two writers of one directory take turns instead of interleaving their files.
+- :func:`atomic_directory`: a fresh directory that appears complete or not at all (for caches this library owns).
+
+Errors while writing (a read-only directory, a full disk) are raised as :class:`OutputWriteError`, naming the path
+and what to do.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lightning_qlora.errors import QLoRAError
+
 log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lightning-qlora.lock"
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# The mode a plain open() gives a new file here: some writers (safetensors) create theirs readable by the owner only.
+FILE_MODE = 0o666 & ~_current_umask()
+
+
+class OutputWriteError(QLoRAError, OSError):
+    """A file could not be written (permissions, a full disk, a file where a directory should be)."""
+
+
+def output_directory(path: str | os.PathLike) -> Path:
+    """``path`` as a directory to write into: created (with its parents) if needed.
+
+    Raises:
+        OutputWriteError: when ``path`` is an existing file, or cannot be created.
+    """
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise OutputWriteError(
+            errno.ENOTDIR, f"{directory} is a file, not a directory: choose a directory to write into (nothing was "
+            "overwritten)."
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _write_error(directory, err) from err
+    return directory
+
+
+def write_file_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Run ``write(temporary_path)`` and rename the result over ``path`` once it is complete and synced.
+
+    Raises:
+        OutputWriteError: when the directory is not writable or the disk is full (``path`` is then unchanged).
+    """
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a write that was killed
+        stale.unlink(missing_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(staging)
+        os.chmod(staging, FILE_MODE)
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except OSError as err:
+        raise _write_error(path, err) from err
+    except Exception as err:  # e.g. safetensors' own error type for an OS error while writing
+        if "os error 28" in str(err) or "No space left" in str(err):
+            raise _write_error(path, OSError(errno.ENOSPC, str(err))) from err
+        raise
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+@contextmanager
+def writer_lock(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s writer lock (a lock file in it) for the block: concurrent writers serialize.
+
+    Raises:
+        OutputWriteError: when the lock file cannot be created (e.g. a read-only directory).
+    """
+    try:
+        handle = open(directory / LOCK_FILE, "a")  # noqa: SIM115 (held open for the whole block, closed below)
+    except OSError as err:
+        raise _write_error(directory, err) from err
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _write_error(path: Path, err: OSError) -> OutputWriteError:
+    if err.errno == errno.ENOSPC:
+        reason = "the disk is full"
+        fix = "free space there or write elsewhere; the previous files are intact"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "permission denied (read-only directory or file system)"
+        fix = "choose a writable directory"
+    else:
+        reason = err.strerror or str(err)
+        fix = "check the path"
+    return OutputWriteError(err.errno or errno.EIO, f"Could not write {path}: {reason}. {fix[0].upper()}{fix[1:]}.")
+
+
+@contextmanager
+def files_into(target: Path) -> Iterator[Path]:
+    """Yield a hidden staging directory inside ``target`` (an existing directory); once the block succeeds, each file
+    written there is renamed over its namesake in ``target``, one atomic rename each; other files stay.
+
+    Raises:
+        OutputWriteError: when ``target`` is not writable or the disk fills up.
+    """
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".staging.tmp-", dir=target))
+    except OSError as err:
+        raise _write_error(target, err) from err
+    try:
+        yield staging
+        for file in sorted(staging.iterdir()):
+            if file.is_file():
+                os.chmod(file, FILE_MODE)
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(file, target / file.name)
+    except OSError as err:
+        raise _write_error(target, err) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty staging directory beside ``target``; on success it replaces ``target`` in one swap.
+    """Yield an empty staging directory beside ``target``; on success it becomes ``target`` in one rename.
 
-    The staging directory is ``.<name>.tmp-*``; an existing ``target`` is moved to ``.<name>.old-*`` just before the
-    new one is renamed into place and deleted after. If the block raises (disk full, ...), ``target`` is untouched.
-    A process killed between the two renames leaves the complete backup, which :func:`recover_interrupted_write`
-    puts back.
+    Only for directories this library owns whole (its caches): an existing ``target`` is replaced. A killed run
+    leaves ``target`` as it was, plus a staging directory the next call removes.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_write(target)
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
@@ -32,7 +165,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
         if target.exists():
-            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            backup = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
             target.rename(backup)
             staging.rename(target)
             shutil.rmtree(backup, ignore_errors=True)
@@ -41,15 +174,3 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def recover_interrupted_write(target: Path) -> None:
-    """After a killed :func:`atomic_directory`: put a complete backup back, drop half-written staging copies."""
-    if not target.parent.is_dir():
-        return
-    backups = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not target.exists() and backups:
-        backups.pop().rename(target)
-        log.warning("Recovered %s from the backup of an interrupted write.", target)
-    for leftover in backups + list(target.parent.glob(f".{target.name}.tmp-*")):
-        shutil.rmtree(leftover, ignore_errors=True)

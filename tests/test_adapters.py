@@ -273,29 +273,35 @@ def test_sigkill_during_save_leaves_previous_adapter_loadable(tmp_path):
     assert load_adapter(fresh, tmp_path / "adapter") == ["0", "2"]
 
 
-def test_kill_between_the_two_renames_recovers_the_previous_adapter(tmp_path, monkeypatch):
+def test_kill_between_the_two_file_renames_leaves_a_loadable_adapter(tmp_path, monkeypatch):
+    import os
+
     from lightning_qlora import inject_lora
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
     inject_lora(model, LoRAConfig(r=4))
     save_adapter(model, tmp_path / "adapter")
-    previous = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
-    real_rename, calls = Path.rename, []
+    with torch.no_grad():
+        model[0].lora_B.weight.add_(1.0)  # the next save holds other values
+    real_replace, calls = os.replace, []
 
-    def rename_then_crash(self, target):
-        calls.append(self)
-        if len(calls) == 2:  # the old adapter is already moved aside; the new one never arrives
+    def replace_then_crash(source, target):
+        calls.append(target)
+        if len(calls) == 2:  # the new weights are in place; the config's rename never happens
             raise KeyboardInterrupt("killed")
-        return real_rename(self, target)
+        return real_replace(source, target)
 
-    monkeypatch.setattr(Path, "rename", rename_then_crash)
+    monkeypatch.setattr(os, "replace", replace_then_crash)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, tmp_path / "adapter")
     monkeypatch.undo()
-    assert not (tmp_path / "adapter").exists()
     torch.manual_seed(0)
     fresh = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
-    assert load_adapter(fresh, tmp_path / "adapter") == ["0", "2"]
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == previous
-    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # backups and half-written copies are gone
+    assert load_adapter(fresh, tmp_path / "adapter") == ["0", "2"]  # whole files only: new weights, same config
+    torch.testing.assert_close(fresh[0].lora_B.weight, model[0].lora_B.weight)
+    save_adapter(model, tmp_path / "adapter")
+    hidden = sorted(p.name for p in (tmp_path / "adapter").iterdir() if p.name.startswith("."))
+    assert hidden == [".lightning-qlora.lock"]  # the interrupted save's temporary file was cleaned up
+
+

@@ -4,8 +4,9 @@ Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight``, with the modu
 (the LightningModule's ``model`` attribute, or the model itself). Our own metadata (library version, quantization
 settings, training step) goes into the safetensors header metadata, which PEFT ignores.
 
-Every save is atomic: files are written into a temporary sibling directory that is renamed into place, so an
-interrupted save never leaves a half-written adapter where a complete one was.
+Every save writes its two files into the directory, each to a temporary name renamed over the old one once complete,
+and leaves every other file there alone: an interrupted save never leaves a half-written file, and concurrent saves
+to one directory take turns (a lock file). Loading never touches what a writer is writing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora._atomic import atomic_directory, recover_interrupted_write
+from lightning_qlora._atomic import output_directory, write_file_atomically, writer_lock
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.errors import QLoRAError
 from lightning_qlora.lora.inject import inject_lora, iter_lora_layers
@@ -79,7 +80,8 @@ def save_adapter(
 
     Args:
         module: a model with :class:`LoRALinear` layers, or a LightningModule holding one in ``.model``.
-        directory: created (parents too); an existing adapter there is replaced only once the new one is complete.
+        directory: created (parents too); the adapter's two files there are replaced one by one, each once complete;
+            other files in it stay. A *file* at this path is refused.
         base_model_name_or_path: recorded in ``adapter_config.json`` for ``PeftModel.from_pretrained``.
         metadata: extra JSON-serializable facts stored in the safetensors header (e.g. the training step).
         state: the tensors from :func:`adapter_state_dict`, when already gathered (FSDP: every rank gathers, one
@@ -112,10 +114,13 @@ def save_adapter(
     }
     header = {_METADATA_KEY: json.dumps(facts, sort_keys=True, default=str), "format": "pt"}
 
-    target = Path(directory)
-    with atomic_directory(target) as staging:
-        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata=header)
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    target = output_directory(directory)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    with writer_lock(target):  # two writers of one directory take turns
+        # Weights first: a reader between the two renames sees the new weights with the previous run's config,
+        # which describes them as long as r and the targets stay (a mismatch is refused at load, by shape).
+        write_file_atomically(target / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata=header))
+        write_file_atomically(target / ADAPTER_CONFIG, lambda path: path.write_text(text))
     return target
 
 
@@ -150,7 +155,6 @@ def load_adapter(
     from safetensors.torch import load_file
 
     path = Path(directory)
-    recover_interrupted_write(path)
     weights, config_file = path / ADAPTER_WEIGHTS, path / ADAPTER_CONFIG
     for file in (weights, config_file):
         if not file.is_file():

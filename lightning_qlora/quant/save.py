@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_qlora._atomic import output_directory, write_file_atomically
 from lightning_qlora.modules import adapter_root, is_adapter_parameter, iter_linears, strip_base_layer
 from lightning_qlora.quant.checkpoint import INDEX_FILE
 from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR
@@ -56,8 +57,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, max_shard_siz
             f"save_quantized needs a transformers model with 4-bit linears, got {type(root).__name__} with "
             f"{len(quantized)} of them. Quantize it first (QLoRAPlugin, convert_model or quantize_model)."
         )
-    target = Path(directory)
-    target.mkdir(parents=True, exist_ok=True)
+    target = output_directory(directory)
     state = _base_state_dict(root)
     facts = {
         "weights_sha256": getattr(root, WEIGHTS_HASH_ATTR, None),
@@ -66,22 +66,25 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, max_shard_siz
     metadata = {"format": "pt", METADATA_KEY: json.dumps(facts, sort_keys=True)}
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
-        _replace_atomically(target / filename, lambda path, names=names: save_file(
-            {name: state[name] for name in names}, str(path), metadata=metadata
-        ))
+        shard = {name: state[name] for name in names}
+
+        def write_shard(path: Path, shard: dict[str, torch.Tensor] = shard) -> None:
+            save_file(shard, str(path), metadata=metadata)
+
+        write_file_atomically(target / filename, write_shard)
     if split.is_sharded:
         index = {
             "metadata": {**split.metadata, "total_size": _total_bytes(state)},
             "weight_map": split.tensor_to_filename,
         }
-        _replace_atomically(target / INDEX_FILE, lambda path: path.write_text(json.dumps(index, indent=2) + "\n"))
+        write_file_atomically(target / INDEX_FILE, lambda path: path.write_text(json.dumps(index, indent=2) + "\n"))
     config = root.config.__class__.from_dict(root.config.to_dict())
     config.quantization_config = _quantization_config(quantized[0][1], root)
-    _replace_atomically(target / "config.json", lambda path: path.write_text(config.to_json_string()))
+    write_file_atomically(target / "config.json", lambda path: path.write_text(config.to_json_string()))
     generation = getattr(root, "generation_config", None)
     if generation is not None:
         text = generation.to_json_string()
-        _replace_atomically(target / "generation_config.json", lambda path: path.write_text(text))
+        write_file_atomically(target / "generation_config.json", lambda path: path.write_text(text))
     return target
 
 
@@ -127,15 +130,3 @@ def _quantization_config(layer: nn.Module, root: nn.Module) -> dict[str, Any]:
 
 def _total_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def _replace_atomically(path: Path, write: Any) -> None:
-    # Written beside the target and renamed over it: a reader sees the old file or the new one, never half of one.
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(staging)
-        with open(staging, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)

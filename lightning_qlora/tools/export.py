@@ -3,9 +3,10 @@
     lightning-qlora-export --adapter outputs/.../adapter/last --out merged/
     lightning-qlora-export --adapter DIR --base /path/to/base --out merged/ --dtype fp32
 
-The 4-bit base is dequantized, ``scaling * B @ A`` added, and the result written with ``save_pretrained`` (atomically:
-a temporary directory renamed into place), so ``AutoModelForCausalLM.from_pretrained(out)`` loads it with no PEFT and
-no bitsandbytes. The drift check reloads the export and compares its logits with the unmerged QLoRA model's.
+The 4-bit base is dequantized, ``scaling * B @ A`` added, and the result written with ``save_pretrained`` (each file
+renamed into place once complete; other files in the directory stay), so ``AutoModelForCausalLM.from_pretrained(out)``
+loads it with no PEFT and no bitsandbytes. The drift check reloads the export and compares its logits with the
+unmerged QLoRA model's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora._atomic import atomic_directory
+from lightning_qlora._atomic import files_into, output_directory, writer_lock
 from lightning_qlora._imports import require
 from lightning_qlora._progress import progress_bar
 from lightning_qlora.config import COMPUTE_DTYPES, QuantConfig
@@ -79,7 +80,8 @@ def export_merged(
 
     Args:
         module: a transformers model (or a LightningModule holding one in ``.model``) with LoRA adapters.
-        out_dir: the directory to write; replaced atomically if it exists.
+        out_dir: the directory to write into (created if needed); each file written replaces its namesake there
+            atomically, other files stay.
         dtype: dtype of the exported weights (bf16 by default).
         tokenizer: saved alongside when given.
         check_input_ids: token ids for the drift check (merged export vs the unmerged model); ``None`` skips it.
@@ -106,13 +108,14 @@ def export_merged(
         )
     fresh.tie_weights()
 
-    target = Path(out_dir)
-    with atomic_directory(target) as staging:
+    target = output_directory(out_dir)
+    with writer_lock(target), files_into(target) as staging:  # our files replace their namesakes, others stay
         fresh.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        written = [file.name for file in staging.iterdir() if file.is_file()]
     del fresh
-    size = sum(f.stat().st_size for f in target.iterdir() if f.is_file()) / 2**20
+    size = sum((target / name).stat().st_size for name in written) / 2**20
     report = ExportReport(str(target), str(dtype).replace("torch.", ""), merged_layers, round(size, 2))
     if check_input_ids is not None:
         report.max_abs_logit_diff, report.rel_logit_error = merge_drift(root, target, check_input_ids)
