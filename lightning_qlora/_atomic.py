@@ -70,23 +70,44 @@ def write_file_atomically(path: Path, write: Callable[[Path], object]) -> None:
     Raises:
         OutputWriteError: when the directory is not writable or the disk is full (``path`` is then unchanged).
     """
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a write that was killed
-        stale.unlink(missing_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_files_atomically({path: write})
+
+
+def write_files_atomically(writes: dict[Path, Callable[[Path], object]]) -> None:
+    """Write every file to a temporary name first; only once all are complete and synced, rename each over its
+    target. A failure (a full disk) while writing leaves every target as it was.
+
+    Raises:
+        OutputWriteError: when a directory is not writable or the disk is full.
+    """
+    staged: dict[Path, Path] = {}
+    try:
+        for path, write in writes.items():
+            for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a write that was killed
+                stale.unlink(missing_ok=True)
+            staging = staged[path] = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            _guarded(path, write, staging)
+            os.chmod(staging, FILE_MODE)
+            with open(staging, "rb") as handle:
+                os.fsync(handle.fileno())
+        for path, staging in staged.items():
+            os.replace(staging, path)
+    except OSError as err:
+        raise _write_error(next(iter(writes)), err) from err
+    finally:
+        for staging in staged.values():
+            staging.unlink(missing_ok=True)
+
+
+def _guarded(path: Path, write: Callable[[Path], object], staging: Path) -> None:
     try:
         write(staging)
-        os.chmod(staging, FILE_MODE)
-        with open(staging, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(staging, path)
-    except OSError as err:
-        raise _write_error(path, err) from err
+    except OSError:
+        raise
     except Exception as err:  # e.g. safetensors' own error type for an OS error while writing
         if "os error 28" in str(err) or "No space left" in str(err):
             raise _write_error(path, OSError(errno.ENOSPC, str(err))) from err
         raise
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -70,11 +70,13 @@ def test_adapter_checkpoint_failed_save_keeps_previous_adapter(tmp_path, tiny_ll
         for p in module.parameters():
             if p.requires_grad:
                 p.add_(1.0)
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OSError, match=r"adapter_model.safetensors: the disk is full.*previous files are intact"):
         callback.save(trainer, module, "last")
     monkeypatch.undo()
     assert (last / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["last"]  # no temp dir left behind
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["last"]
+    assert sorted(p.name for p in last.iterdir()) == [  # no temporary file left behind
+        ".lightning-qlora.lock", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_adapter_checkpoint_rejects_negative_interval():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora._atomic import output_directory, write_file_atomically, writer_lock
+from lightning_qlora._atomic import output_directory, write_files_atomically, writer_lock
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.errors import QLoRAError
 from lightning_qlora.lora.inject import inject_lora, iter_lora_layers
@@ -117,10 +117,13 @@ def save_adapter(
     target = output_directory(directory)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     with writer_lock(target):  # two writers of one directory take turns
-        # Weights first: a reader between the two renames sees the new weights with the previous run's config,
-        # which describes them as long as r and the targets stay (a mismatch is refused at load, by shape).
-        write_file_atomically(target / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata=header))
-        write_file_atomically(target / ADAPTER_CONFIG, lambda path: path.write_text(text))
+        # Both files are written before either is renamed into place: a failed save changes nothing. (A reader between
+        # the two renames sees the new weights with the previous save's config, which describes them as long as r
+        # and the targets stay; a mismatch is refused at load, by shape.)
+        write_files_atomically({
+            target / ADAPTER_WEIGHTS: lambda path: save_file(tensors, str(path), metadata=header),
+            target / ADAPTER_CONFIG: lambda path: path.write_text(text),
+        })
     return target
 
 
