@@ -260,3 +260,51 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     assert torch.equal(AtomicCheckpointIO().load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.full((3,), 2.0)}}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the next save cleans the half-written file
+
+
+class PoisonedGradientModule(RegressionModule):
+    """A finite loss whose gradient is NaN on one batch (an overflow in backward)."""
+
+    def __init__(self, poison_batch: int, lr: float = 1e-2) -> None:
+        super().__init__(lr=lr)
+        self.poison_batch = poison_batch
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x).float()
+        if batch_idx == self.poison_batch:
+            out.register_hook(lambda grad: grad * float("nan"))
+        loss = nn.functional.mse_loss(out, y.float())
+        self.losses.append(loss.item())
+        return loss
+
+
+def test_nan_gradients_with_a_finite_loss_stop_before_the_update_and_keep_the_last_good_adapter(tmp_path):
+    module = PoisonedGradientModule(poison_batch=3)
+    adapters = AdapterCheckpoint(tmp_path / "adapters", every_n_train_steps=1)
+    trainer = fast_trainer(plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], callbacks=[TrainingGuard(), adapters])
+    with pytest.raises(NonFiniteLossError, match=r"gradients of \d+ adapter tensor\(s\) hold NaN or inf at optimizer "
+                                                 r"step 3 although the loss is finite.*lr="):
+        trainer.fit(module, regression_loader())
+    assert all(torch.isfinite(p).all() for p in _adapter_weights(module).values())
+    good = RegressionModule()
+    QLoRAPlugin(lora=LoRAConfig(r=4)).convert_module(good)
+    load_adapter(good, tmp_path / "adapters" / "last", strict=False)
+    for name, weight in _adapter_weights(good).items():
+        torch.testing.assert_close(weight, _adapter_weights(module)[name])
+
+
+def test_nan_gradients_can_be_skipped_too(tmp_path):
+    module = PoisonedGradientModule(poison_batch=2)
+    trainer = fast_trainer(plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], callbacks=[TrainingGuard(on_nan="skip")],
+                           max_steps=6)
+    with pytest.warns(UserWarning, match=r"Skipping a batch: the gradients of"):
+        trainer.fit(module, regression_loader())
+    assert all(torch.isfinite(p).all() for p in _adapter_weights(module).values())
+
+
+def test_a_diverging_learning_rate_is_named_not_taken_for_missing_gradients(tmp_path):
+    module = RegressionModule(lr=1e6)
+    trainer = fast_trainer(plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], callbacks=[TrainingGuard()], max_steps=10)
+    with pytest.raises(NonFiniteLossError, match=r"(lr=1000000.0|learning rate)"):
+        trainer.fit(module, regression_loader())

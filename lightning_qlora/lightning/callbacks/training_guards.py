@@ -82,6 +82,22 @@ class TrainingGuard(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if not self._skip_this_batch:
+            broken = _non_finite_gradients(pl_module)
+            if broken:
+                lr = optimizer.param_groups[0].get("lr")
+                where = (f"gradients of {len(broken)} adapter tensor(s) hold NaN or inf at optimizer step "
+                         f"{trainer.global_step} although the loss is finite (e.g. {broken[0]})")
+                if self.on_nan == "stop" or self._consecutive >= self.max_skips:
+                    raise NonFiniteLossError(
+                        f"Training stopped before the update: the {where}. The adapters were not updated with them "
+                        f"and no adapter holding them is saved. The learning rate (lr={lr}) may be too high, or the "
+                        "model overflows in its compute dtype: lower lr, clip gradients (trainer.gradient_clip_val="
+                        "1.0), or skip such batches with TrainingGuard(on_nan='skip')."
+                    )
+                self._consecutive += 1
+                self._skip_this_batch = True
+                rank_zero_warn(f"Skipping a batch: the {where} ({self._consecutive} in a row).")
         if self._skip_this_batch:
             for group in optimizer.param_groups:
                 for param in group["params"]:
@@ -89,6 +105,19 @@ class TrainingGuard(Callback):
             return
         if trainer.global_step < self.check_steps:
             self._check_gradient_flow(pl_module, optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        broken = _non_finite_parameters(pl_module)
+        if broken:
+            lrs = [group.get("lr") for optimizer in trainer.optimizers for group in optimizer.param_groups]
+            raise NonFiniteLossError(
+                f"Training stopped: after optimizer step {trainer.global_step} {len(broken)} adapter tensor(s) hold "
+                f"NaN or inf (e.g. {broken[0]}): the update diverged (lr={lrs[0] if lrs else '?'}). Adapters holding "
+                "them are never saved: the last good adapter on disk stays. Lower the learning rate or clip gradients."
+            )
 
     def _prepare_steps_in_backward(self, trainer: Trainer) -> None:
         """An optimizer stepping inside backward must hear before backward: skip this batch, record gradients."""
@@ -118,3 +147,16 @@ class TrainingGuard(Callback):
             )
         if len(flowing) < len(adapters):
             log.info("Gradient check: %d of %d adapters received gradient.", len(flowing), len(adapters))
+
+
+def _non_finite_gradients(module: LightningModule) -> list[str]:
+    """Names of the trainable parameters whose gradient holds NaN or inf (empty when all are finite)."""
+    return [
+        name for name, param in module.named_parameters()
+        if param.requires_grad and param.grad is not None and not bool(param.grad.detach().isfinite().all())
+    ]
+
+
+def _non_finite_parameters(module: LightningModule) -> list[str]:
+    """Names of the trainable parameters holding NaN or inf."""
+    return [n for n, p in module.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
