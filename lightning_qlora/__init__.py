@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "QuantConfig": "lightning_qlora.config",
     "QuantStorageMismatchError": "lightning_qlora.sharding",
     "QuantizationReport": "lightning_qlora.quant",
+    "ResumeMismatchError": "lightning_qlora.lightning.plugin",
     "calibrate": "lightning_qlora.calibration",
     "calibrated_weights": "lightning_qlora.calibration",
     "convert_model": "lightning_qlora.convert",
@@ -73,6 +74,7 @@ __all__ = [
     "QuantConfig",
     "QuantStorageMismatchError",
     "QuantizationReport",
+    "ResumeMismatchError",
     "calibrate",
     "calibrated_weights",
     "convert_model",
@@ -130,7 +132,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from lightning_qlora.convert import ConversionSummary, convert_model, iter_converted_blocks
     from lightning_qlora.errors import QLoRAError
     from lightning_qlora.lightning.callbacks import AdapterCheckpoint, PeakMemoryMonitor
-    from lightning_qlora.lightning.plugin import QLoRAPlugin
+    from lightning_qlora.lightning.plugin import QLoRAPlugin, ResumeMismatchError
     from lightning_qlora.lightning.strategies import QLoRADDPStrategy, QLoRAFSDPStrategy, QLoRAStrategy
     from lightning_qlora.lora import (
         LoRALinear,

@@ -14,10 +14,12 @@ and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,7 +30,6 @@ from lightning_qlora.errors import QLoRAError
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lightning-qlora.lock"
 
 
 def _current_umask() -> int:
@@ -92,11 +93,14 @@ def write_files_atomically(writes: dict[Path, Callable[[Path], object]]) -> None
                 os.fsync(handle.fileno())
         for path, staging in staged.items():
             os.replace(staging, path)
+    except OutputWriteError:
+        raise
     except OSError as err:
         raise _write_error(next(iter(writes)), err) from err
     finally:
         for staging in staged.values():
-            staging.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (a read-only file system refuses even this)
+                staging.unlink(missing_ok=True)
 
 
 def _guarded(path: Path, write: Callable[[Path], object], staging: Path) -> None:
@@ -104,29 +108,33 @@ def _guarded(path: Path, write: Callable[[Path], object], staging: Path) -> None
         write(staging)
     except OSError:
         raise
-    except Exception as err:  # e.g. safetensors' own error type for an OS error while writing
-        if "os error 28" in str(err) or "No space left" in str(err):
-            raise _write_error(path, OSError(errno.ENOSPC, str(err))) from err
+    except Exception as err:  # e.g. safetensors' own error type, "... (os error 28)", for an OS error
+        found = re.search(r"os error (\d+)", str(err))
+        if found:
+            raise _write_error(path, OSError(int(found.group(1)), str(err))) from err
         raise
 
 
 @contextmanager
 def writer_lock(directory: Path) -> Iterator[None]:
-    """Hold ``directory``'s writer lock (a lock file in it) for the block: concurrent writers serialize.
+    """Hold ``directory``'s writer lock for the block: concurrent writers (threads or processes) take turns. The lock
+    is taken on the directory itself (``flock``), so it leaves no file behind.
 
     Raises:
-        OutputWriteError: when the lock file cannot be created (e.g. a read-only directory).
+        OutputWriteError: when the directory cannot be opened.
     """
     try:
-        handle = open(directory / LOCK_FILE, "a")  # noqa: SIM115 (held open for the whole block, closed below)
+        descriptor = os.open(directory, os.O_RDONLY)
     except OSError as err:
         raise _write_error(directory, err) from err
-    with handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
 
 
 def _write_error(path: Path, err: OSError) -> OutputWriteError:

@@ -76,7 +76,7 @@ def test_adapter_checkpoint_failed_save_keeps_previous_adapter(tmp_path, tiny_ll
     assert (last / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["last"]
     assert sorted(p.name for p in last.iterdir()) == [  # no temporary file left behind
-        ".lightning-qlora.lock", "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_adapter_checkpoint_rejects_negative_interval():

@@ -115,3 +115,56 @@ def test_plugin_on_cuda_with_default_strategy(tiny_llama_config):
                        callbacks=[record])
     trainer.fit(module, token_loader())
     assert record.devices == {"cuda"}
+
+
+@pytest.fixture
+def trained_checkpoint(tmp_path, tiny_llama_config):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
+    plugin = QLoRAPlugin(lora=LoRAConfig(r=4, alpha=8, dropout=0.0))
+    _trainer(strategy="qlora", plugins=[plugin], callbacks=[ckpt], enable_checkpointing=True).fit(
+        CausalLMModule(tiny_llama_config), token_loader()
+    )
+    return tmp_path / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("quant", "lora", "expected"),
+    [
+        (dict(quant_type="fp4"), {}, r"quant_type: 'nf4' in .*'fp4' now"),
+        (dict(quant_type="none"), {}, r"quant_type: 'nf4' in .*'none' now"),
+        (dict(double_quant=False), {}, r"double_quant: True in .*False now"),
+        (dict(blocksize=128), {}, r"blocksize: 64 in .*128 now"),
+        ({}, dict(alpha=16), r"alpha: 8.0 in .*16.0 now"),
+        ({}, dict(use_rslora=True), r"use_rslora: False in .*True now"),
+    ],
+    ids=["fp4", "none", "no-double-quant", "blocksize", "alpha", "rslora"],
+)
+def test_resuming_with_settings_that_change_the_model_is_refused(trained_checkpoint, tiny_llama_config, quant, lora,
+                                                                  expected):
+    from lightning_qlora import QuantConfig
+    from lightning_qlora.lightning.plugin import ResumeMismatchError
+
+    plugin = QLoRAPlugin(quant=QuantConfig(**quant), lora=LoRAConfig(**{"r": 4, "alpha": 8, "dropout": 0.0, **lora}))
+    trainer = _trainer(strategy="qlora", plugins=[plugin], max_steps=8)
+    with pytest.raises(ResumeMismatchError, match=expected + r".*resume_mismatch='warn'"):
+        trainer.fit(CausalLMModule(tiny_llama_config), token_loader(), ckpt_path=str(trained_checkpoint))
+
+
+def test_resuming_onto_another_base_of_the_same_shapes_is_refused_unless_asked(trained_checkpoint, tiny_llama_config):
+    from lightning_qlora.lightning.plugin import ResumeMismatchError
+
+    class OtherBase(CausalLMModule):
+        def __init__(self, config):
+            super().__init__(config)
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.mul_(1.5)
+
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    with pytest.raises(ResumeMismatchError, match=r"base_weights_sha256"):
+        _trainer(strategy="qlora", plugins=[QLoRAPlugin(lora=lora)], max_steps=8).fit(
+            OtherBase(tiny_llama_config), token_loader(), ckpt_path=str(trained_checkpoint))
+    trainer = _trainer(strategy="qlora", plugins=[QLoRAPlugin(lora=lora, resume_mismatch="warn")], max_steps=8)
+    with pytest.warns(UserWarning, match=r"base_weights_sha256"):
+        trainer.fit(OtherBase(tiny_llama_config), token_loader(), ckpt_path=str(trained_checkpoint))
+    assert trainer.global_step == 8

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
@@ -27,6 +27,7 @@ from lightning_qlora.calibration import (
 )
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.convert import ConversionSummary, ConvertedBlock, iter_converted_blocks
+from lightning_qlora.errors import QLoRAError
 from lightning_qlora.kernels.compile import compile_blocks
 from lightning_qlora.lightning.rng import capture_rng_state, restore_rng_state
 from lightning_qlora.lora.inject import mark_only_lora_as_trainable
@@ -50,6 +51,10 @@ class _Default:
 DEFAULT = _Default()
 
 
+class ResumeMismatchError(QLoRAError, ValueError):
+    """A checkpoint was saved with another base model or with settings that change what the model computes."""
+
+
 class QLoRAPlugin(Precision):
     """Store linear layers in 4-bit (NF4 + double quantization by default), compute in bf16, train LoRA adapters.
 
@@ -70,6 +75,9 @@ class QLoRAPlugin(Precision):
             ``"reduce-overhead"`` each block's forward and backward also run as CUDA graphs. Activation
             checkpointing (transformers' ``gradient_checkpointing_enable``) then happens inside the compiled blocks
             (:mod:`lightning_qlora.kernels.compile`). The first steps pay the compile time. Off by default.
+        resume_mismatch: resuming a checkpoint saved with another base (its weights' fingerprint) or with settings
+            that change what the model computes (quant type, double quant, blocksize, compute dtype, calibration,
+            rank, alpha, rsLoRA, DoRA) is refused (``"error"``), or only warned about (``"warn"``, on purpose).
 
     Raises:
         TypeError: for a ``quant``, ``lora`` or ``compile`` of the wrong kind, naming the accepted ones.
@@ -93,6 +101,7 @@ class QLoRAPlugin(Precision):
         quant: QuantConfig | None = None,
         lora: LoRAConfig | _Default | None = DEFAULT,
         compile: bool | str | dict[str, Any] = False,
+        resume_mismatch: Literal["error", "warn"] = "error",
     ) -> None:
         if isinstance(lora, _Default):
             lora = LoRAConfig()
@@ -112,6 +121,9 @@ class QLoRAPlugin(Precision):
         self.compile = compile
         self.precision = _PRECISION_OF[self.quant.compute_dtype]  # type: ignore[assignment]
         self.dtype = self.quant.torch_compute_dtype
+        if resume_mismatch not in ("error", "warn"):
+            raise ValueError(f"QLoRAPlugin(resume_mismatch={resume_mismatch!r}) must be 'error' or 'warn'.")
+        self.resume_mismatch = resume_mismatch
         self.summary: ConversionSummary | None = None
         self.adapters_from_checkpoint = False
 
@@ -246,7 +258,47 @@ class QLoRAPlugin(Precision):
     def state_dict(self) -> dict[str, Any]:
         # Saved in every Lightning checkpoint: the random state (LoRA dropout, sampling) at the moment of saving, so a
         # resumed run draws the same numbers an uninterrupted one would.
-        return {"rng": capture_rng_state()}
+        return {"rng": capture_rng_state(), "conversion": self.conversion_facts()}
+
+    def conversion_facts(self) -> dict[str, Any]:
+        """What a checkpoint records of the model its adapters belong to: the base weights' fingerprint and the
+        settings that change what the model computes.
+        """
+        quant = self.quant
+        facts: dict[str, Any] = {
+            "base_weights_sha256": self.summary.quantization.weights_sha256 if self.summary else None,
+            "quant_type": quant.quant_type, "double_quant": quant.double_quant if quant.quantized else None,
+            "blocksize": quant.blocksize if quant.quantized else None, "compute_dtype": quant.compute_dtype,
+            "calibration": quant.calibration,
+        }
+        if self.lora is not None:
+            facts.update(r=self.lora.r, alpha=float(self.lora.alpha), use_rslora=self.lora.use_rslora,
+                         use_dora=self.lora.use_dora)
+        return facts
+
+    def check_resume(self, saved: dict[str, Any], checkpoint: str = "the checkpoint") -> None:
+        """Compare a checkpoint's :meth:`conversion_facts` with this run's.
+
+        Raises:
+            ResumeMismatchError: naming every difference, unless ``resume_mismatch="warn"``.
+        """
+        current = self.conversion_facts()
+        problems = [
+            f"{key}: {saved[key]!r} in {checkpoint}, {current[key]!r} now"
+            for key in sorted(saved)
+            if key in current and saved[key] is not None and current[key] is not None and saved[key] != current[key]
+        ]
+        if not problems:
+            return
+        message = (
+            "Resuming onto another model than the checkpoint's adapters were trained with would continue a different "
+            f"function without a word: {'; '.join(problems)}. Use the same base and settings, or pass "
+            "QLoRAPlugin(resume_mismatch='warn') to resume anyway."
+        )
+        if self.resume_mismatch == "warn":
+            rank_zero_warn(message)
+            return
+        raise ResumeMismatchError(message)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -195,6 +195,10 @@ class QLoRAStrategyMixin(Strategy):
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
+        plugin = self.precision_plugin
+        saved = (checkpoint.get(type(plugin).__qualname__) or {}).get("conversion")
+        if isinstance(plugin, QLoRAPlugin) and saved:  # before its adapters replace the model's
+            plugin.check_resume(saved)
         load_trainable_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
 
 
