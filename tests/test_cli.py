@@ -222,3 +222,20 @@ def test_sigterm_saves_the_run_exits_nonzero_and_resume_continues_it(tmp_path, s
     second = max((tmp_path / "outputs").glob("*/*"), key=lambda p: p.stat().st_mtime)
     results = json.loads((second / "results.json").read_text())
     assert results["steps"] == 6 and results["resumed_from"] == str(checkpoint.resolve())
+
+
+def test_wrong_types_in_the_whole_config_are_listed_before_anything_loads():
+    from lightning_qlora.app.validate import validate_app_config
+    from lightning_qlora.config import ConfigError
+
+    cfg = _compose(["trainer.max_steps=abc", "data.max_length=abc", "data.batch_size=abc", "data.val_size=abc",
+                    "model.lr=abc", "seed=abc", "data.batch_size=0"])
+    with pytest.raises(ConfigError) as caught:
+        validate_app_config(cfg)
+    message = str(caught.value)
+    for expected in ("trainer.max_steps='abc' must be an integer", "data.max_length='abc' must be an integer",
+                     "data.batch_size=0 must be a positive integer", "data.val_size='abc' must be an integer",
+                     "model.lr='abc' must be a number", "seed='abc' must be an integer"):
+        assert expected in message, message
+    validate_app_config(_compose([]))  # the defaults pass
+    validate_app_config(_compose(["trainer.gradient_clip_val=null", "data.limit_train=null", "logger=none"]))

@@ -46,12 +46,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lightning_qlora.app.models.pretrained import resolve_pretrained
+    from lightning_qlora.app.validate import validate_app_config
     from lightning_qlora.lightning.callbacks import AdapterCheckpoint, PeakMemoryMonitor, TrainingCurves
     from lightning_qlora.lightning.interruption import interrupted_checkpoint_path
     from lightning_qlora.lightning.plugin import QLoRAPlugin
     from lightning_qlora.lora.peft_format import adapter_state_dict, save_adapter
 
     # Validate the cheap things before loading anything: a bad LoRA/quant value fails here, in a second.
+    validate_app_config(cfg)
     quant = instantiate(cfg.quant)
     lora = instantiate(cfg.lora)
     seed_everything(cfg.seed, workers=True, verbose=False)

@@ -55,17 +55,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        """Load a ``.ckpt`` with ``weights_only=True`` unless the caller passes ``False`` for a file it trusts: no
+        pickle runs, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
+
+        Raises:
+            CheckpointLoadError: a missing file, a directory, a truncated or corrupted file, a file that is not a
+                Lightning checkpoint, or one holding objects the weights-only loader refuses (the message says how to
+                load a trusted one).
+        """
         target = Path(path)
+        if target.is_dir():
+            raise CheckpointLoadError(
+                f"Checkpoint {target} is a directory, not a .ckpt file: point at a file in it, e.g. {target}/last.ckpt."
+            )
         if not target.is_file():
             raise CheckpointLoadError(f"Checkpoint {target} does not exist.")
+        safe = True if weights_only is None else weights_only
         try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            loaded = super().load_checkpoint(path, map_location=map_location, weights_only=safe)
         except (RuntimeError, EOFError, ValueError, OSError, KeyError) as err:
             raise CheckpointLoadError(
                 f"Checkpoint {target} cannot be loaded: truncated or corrupted ({type(err).__name__}: "
                 f"{str(err).splitlines()[0][:200]}). Resume from an earlier checkpoint in {target.parent}."
             ) from None
         except Exception as err:  # pickle.UnpicklingError and friends
+            if safe and "weights only" in str(err).lower().replace("_", " "):
+                raise CheckpointLoadError(
+                    f"Checkpoint {target} holds Python objects beyond tensors and plain values, which the weights-only "
+                    f"loader refuses (so no code in the file runs): {str(err).splitlines()[-1][:200]}. If you trust "
+                    "the file, load it with trainer.fit(..., weights_only=False)."
+                ) from None
             raise CheckpointLoadError(
                 f"Checkpoint {target} cannot be loaded: not a valid checkpoint ({type(err).__name__})."
             ) from None
+        if not isinstance(loaded, dict) or "state_dict" not in loaded or "pytorch-lightning_version" not in loaded:
+            kind = type(loaded).__name__ if not isinstance(loaded, dict) else "a plain dict, no Lightning state"
+            raise CheckpointLoadError(
+                f"Checkpoint {target} is not a Lightning checkpoint (it holds {kind}): resume from a .ckpt that "
+                "Trainer / ModelCheckpoint wrote."
+            )
+        return loaded

@@ -64,6 +64,10 @@ _UNSUPPORTED_IF_SET = {
 }
 
 
+# PEFT inits that change the base weights along with the adapter (an adapter trained so needs that changed base).
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga")
+
+
 class AdapterFormatError(QLoRAError, ValueError):
     """An adapter directory is missing a file, is truncated or corrupted, or does not fit the model."""
 
@@ -162,18 +166,26 @@ def load_adapter(
     for file in (weights, config_file):
         if not file.is_file():
             raise AdapterFormatError(f"{file} is missing: {path} is not a complete PEFT adapter directory.")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterFormatError(f"{config_file} is not valid JSON ({err.msg}, line {err.lineno}).") from None
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{config_file} must hold a JSON object, got {type(config).__name__}.")
+    config = read_adapter_config(path)
     lora_config = lora_config_from_peft(config, config_file)
     try:
         state = load_file(str(weights))
         facts = read_adapter_metadata(path)
+    except AdapterFormatError:
+        raise
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFormatError(f"{weights} cannot be read: truncated or corrupted ({err}).") from None
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise AdapterFormatError(
+                f"{weights}: tensor {key!r} has dtype {tensor.dtype}; adapter weights are floating point. The file "
+                "was not written by PEFT or lightning_qlora, or is damaged."
+            )
+        if not bool(tensor.isfinite().all()):
+            raise AdapterFormatError(
+                f"{weights}: tensor {key!r} holds NaN or inf: the adapter diverged before it was saved. Use an "
+                "earlier adapter (AdapterCheckpoint keeps step-* directories)."
+            )
 
     root = adapter_root(module)
     if not any(True for _ in iter_lora_layers(root)):
@@ -229,13 +241,48 @@ def adapter_tensors(layer: LoRALinear) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json`` as a dict.
+
+    Raises:
+        AdapterFormatError: a missing file, invalid JSON, bytes that are not UTF-8, or not a JSON object.
+    """
+    config_file = Path(directory) / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise AdapterFormatError(f"{config_file} is missing: {directory} is not a complete PEFT adapter directory.")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise AdapterFormatError(f"{config_file} is not valid JSON ({err.msg}, line {err.lineno}).") from None
+    except UnicodeDecodeError as err:
+        raise AdapterFormatError(
+            f"{config_file} is not UTF-8 text (byte {err.start}: {err.reason}): it is damaged or not a PEFT adapter "
+            "config. Restore it, or write it again with save_adapter."
+        ) from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{config_file} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
 def read_adapter_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """Our metadata stored in the adapter's safetensors header (``{}`` for adapters written by PEFT)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), framework="pt") as handle:
-        header = handle.metadata() or {}
-    return json.loads(header.get(_METADATA_KEY, "{}"))
+    file = Path(directory) / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise AdapterFormatError(f"{file} cannot be read: missing, truncated or corrupted ({err}).") from None
+    try:
+        facts = json.loads(header.get(_METADATA_KEY, "{}"))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise AdapterFormatError(f"{file}: its {_METADATA_KEY!r} metadata is not JSON ({err}).") from None
+    if not isinstance(facts, dict):
+        raise AdapterFormatError(
+            f"{file}: its {_METADATA_KEY!r} metadata must be a JSON object, got {type(facts).__name__}."
+        )
+    return facts
 
 
 def peft_config_dict(
@@ -288,7 +335,20 @@ def lora_config_from_peft(config: dict[str, Any], source: Path | str = ADAPTER_C
         raise AdapterFormatError(f"{source}: {', '.join(unsupported)} is not supported by lightning_qlora yet.")
     if "r" not in config:
         raise AdapterFormatError(f"{source}: the required field 'r' (adapter rank) is missing.")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise AdapterFormatError(
+            f"{source}: init_lora_weights={init!r} trains an adapter for a base that PEFT rewrote at initialization "
+            "(it subtracts the adapter's starting point from the weights): on the original base its outputs are "
+            "other ones. Save it converted to a plain LoRA adapter in PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) and load that."
+        )
     target = config.get("target_modules")
+    if target is not None and not isinstance(target, (str, list)):
+        raise AdapterFormatError(
+            f"{source}: target_modules={target!r} must be a list of module names or a string, not "
+            f"{type(target).__name__}."
+        )
     if isinstance(target, str) and target != "all-linear":
         target_modules: Any = target
     elif target == "all-linear" or target is None:

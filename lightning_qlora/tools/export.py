@@ -12,7 +12,6 @@ unmerged QLoRA model's.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,8 +26,15 @@ from lightning_qlora._progress import progress_bar
 from lightning_qlora.config import COMPUTE_DTYPES, QuantConfig
 from lightning_qlora.lora.inject import iter_lora_layers
 from lightning_qlora.lora.layer import LoRALinear
-from lightning_qlora.lora.peft_format import ADAPTER_CONFIG, load_adapter, read_adapter_metadata
+from lightning_qlora.lora.peft_format import (
+    ADAPTER_CONFIG,
+    AdapterFormatError,
+    load_adapter,
+    read_adapter_config,
+    read_adapter_metadata,
+)
 from lightning_qlora.modules import adapter_root, base_linears, is_adapter_parameter
+from lightning_qlora.quant.fingerprint import FingerprintMismatchError
 from lightning_qlora.quant.weight import dequantize_weight
 
 
@@ -164,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     adapter = Path(args.adapter)
-    config = json.loads((adapter / ADAPTER_CONFIG).read_text()) if (adapter / ADAPTER_CONFIG).is_file() else {}
+    try:  # a broken adapter is named with the file and the reason, not a traceback
+        config = read_adapter_config(adapter)
+        recorded = read_adapter_metadata(adapter).get("quantization", {})
+    except AdapterFormatError as err:
+        parser.error(str(err))
     base = args.base or config.get("base_model_name_or_path")
     if not base:
         parser.error(f"{adapter / ADAPTER_CONFIG} names no base_model_name_or_path: pass --base")
-    has_weights = (adapter / "adapter_model.safetensors").is_file()
-    recorded = read_adapter_metadata(adapter).get("quantization", {}) if has_weights else {}
     quant_type = args.quant or recorded.get("quant_type", "none")
     quant = QuantConfig(
         quant_type=quant_type,
@@ -180,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_pretrained(base)
     with console.status(f"Loading {base} and the adapter (base stored as {quant_type})"):
         model = load_causal_lm(path)
-        load_adapter(model, adapter, strict=not args.no_strict, quant=quant)
+        try:
+            load_adapter(model, adapter, strict=not args.no_strict, quant=quant)
+        except (AdapterFormatError, FingerprintMismatchError) as err:
+            parser.error(str(err))
         tokenizer = AutoTokenizer.from_pretrained(path)
     sample = tokenizer("The Jargon File is a glossary of hacker slang.", return_tensors="pt")["input_ids"]
     report = export_merged(model, args.out, COMPUTE_DTYPES[args.dtype], tokenizer=tokenizer, check_input_ids=sample)

@@ -30,11 +30,18 @@ def load_jsonl(
             f'{{"{prompt_key}": "...", "{response_key}": "..."}} object per line.'
         )
     examples: list[Example] = []
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with file.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{file}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    f"{where}: not UTF-8 text (byte {err.start} of the line: {raw[err.start:err.start + 1]!r}). Save "
+                    "the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                ) from None
             if not line.strip():
                 continue
-            where = f"{file}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -48,6 +55,13 @@ def load_jsonl(
                         f"{where}: expected a non-empty string under {key!r}, got {value!r}. "
                         f"Rows need both {prompt_key!r} and {response_key!r} (keys found: {sorted(row)})."
                     )
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise DataFormatError(
+                        f"{where}: {key!r} holds a lone surrogate escape ({value[err.start]!r} at character "
+                        f"{err.start}), which is not text. Fix the escape (e.g. \\ud83d\\ude00 pairs up) or drop it."
+                    ) from None
             examples.append(Example(row[prompt_key].strip(), row[response_key].strip(), where))
     if not examples:
         raise DataFormatError(f"{file}: the file has no rows. Expected one JSON object per line.")

@@ -1,0 +1,51 @@
+"""Check the app's whole config, types included, before anything is loaded: a typo'd value fails in a second."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_qlora.config import ConfigError
+
+# key -> (what it must be, allowed types, may be null). bool is excluded from the numbers on purpose.
+_SCALARS: dict[str, tuple[str, tuple[type, ...], bool]] = {
+    "seed": ("an integer", (int,), False),
+    "trainer.max_steps": ("an integer (-1: no limit)", (int,), False),
+    "trainer.log_every_n_steps": ("a positive integer", (int,), False),
+    "trainer.gradient_clip_val": ("a number or null", (int, float), True),
+    "trainer.accumulate_grad_batches": ("a positive integer", (int,), False),
+    "data.max_length": ("an integer (tokens per row)", (int,), False),
+    "data.batch_size": ("a positive integer", (int,), False),
+    "data.val_size": ("an integer (held-out rows)", (int,), False),
+    "data.limit_train": ("an integer or null", (int,), True),
+    "model.lr": ("a number, e.g. 1e-3", (int, float), False),
+    "model.weight_decay": ("a number", (int, float), False),
+    "model.warmup_steps": ("an integer", (int,), False),
+    "model.min_lr_ratio": ("a number in [0, 1]", (int, float), False),
+    "eval.sample_terms": ("an integer", (int,), False),
+    "eval.max_new_tokens": ("a positive integer", (int,), False),
+}
+_POSITIVE = {"trainer.log_every_n_steps", "trainer.accumulate_grad_batches", "data.batch_size", "eval.max_new_tokens"}
+
+
+def validate_app_config(cfg: DictConfig) -> None:
+    """Every problem of the app's scalar settings, at once.
+
+    Raises:
+        ConfigError: listing each bad value with what it must be.
+    """
+    problems = []
+    for key, (what, types, nullable) in _SCALARS.items():
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            continue  # an option group that does not have it (e.g. logger=none)
+        value: Any = OmegaConf.select(cfg, key)  # (an int, float, str, ... as the override gave it)
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types) or (key in _POSITIVE and float(value) < 1):
+            problems.append(f"{key}={value!r} must be {what}.")
+    if problems:
+        raise ConfigError("The lightning-qlora config", problems)
+
+
+_MISSING = object()
