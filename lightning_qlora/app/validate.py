@@ -42,7 +42,8 @@ def validate_app_config(cfg: DictConfig) -> None:
         value: Any = OmegaConf.select(cfg, key)  # (an int, float, str, ... as the override gave it)
         if value is None and nullable:
             continue
-        if isinstance(value, bool) or not isinstance(value, types) or (key in _POSITIVE and float(value) < 1):
+        wrong_type = isinstance(value, bool) or not isinstance(value, types)
+        if wrong_type or (key in _POSITIVE and value < 1):
             problems.append(f"{key}={value!r} must be {what}.")
     if problems:
         raise ConfigError("The lightning-qlora config", problems)
