@@ -308,3 +308,130 @@ def test_a_diverging_learning_rate_is_named_not_taken_for_missing_gradients(tmp_
     trainer = fast_trainer(plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], callbacks=[TrainingGuard()], max_steps=10)
     with pytest.raises(NonFiniteLossError, match=r"(lr=1000000.0|learning rate)"):
         trainer.fit(module, regression_loader())
+
+
+# -- adapters and checkpoints that must be refused, by name ----------------------------------------------------------
+
+def _saved_adapter(tmp_path):
+    from lightning_qlora import inject_lora, save_adapter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    inject_lora(model, LoRAConfig(r=4))
+    save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def _fresh():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def _edit_config(directory, **fields):
+    import json
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config.update(fields)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "eva", "lora_ga"])
+def test_adapters_trained_on_a_rewritten_base_are_refused(tmp_path, init):
+    from lightning_qlora.lora import AdapterFormatError
+
+    directory = _saved_adapter(tmp_path)
+    _edit_config(directory, init_lora_weights=init)
+    with pytest.raises(AdapterFormatError, match=rf"init_lora_weights='{init}' trains an adapter for a base that PEFT "
+                                                 r"rewrote.*path_initial_model_for_weight_conversion"):
+        load_adapter(_fresh(), directory)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (torch.ones(4, 32, dtype=torch.int32), r"has dtype torch.int32; adapter weights are floating point"),
+    (torch.full((4, 32), float("nan")), r"holds NaN or inf"),
+    (torch.full((4, 32), float("inf")), r"holds NaN or inf"),
+], ids=["int", "nan", "inf"])
+def test_adapter_tensors_that_are_not_finite_floats_are_refused(tmp_path, value, expected):
+    from safetensors.torch import load_file, save_file
+
+    from lightning_qlora.lora import AdapterFormatError
+
+    directory = _saved_adapter(tmp_path)
+    weights = directory / "adapter_model.safetensors"
+    state = load_file(weights)
+    key = "base_model.model.0.lora_A.weight"
+    state[key] = value
+    save_file(state, weights)
+    with pytest.raises(AdapterFormatError, match=rf"tensor '{key}' " + expected):
+        load_adapter(_fresh(), directory)
+
+
+def test_damaged_adapter_configs_and_metadata_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lightning_qlora.lora import AdapterFormatError
+
+    directory = _saved_adapter(tmp_path)
+    _edit_config(directory, target_modules=5)
+    with pytest.raises(AdapterFormatError, match=r"target_modules=5 must be a list of module names or a string"):
+        load_adapter(_fresh(), directory)
+    (directory / "adapter_config.json").write_bytes(b'{"r": 4, "lora_alpha": "\xe9t\xe9"}')
+    with pytest.raises(AdapterFormatError, match=r"adapter_config.json is not UTF-8 text"):
+        load_adapter(_fresh(), directory)
+    directory = _saved_adapter(tmp_path / "second")
+    weights = directory / "adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"lightning_qlora": "[1, 2]"})
+    with pytest.raises(AdapterFormatError, match=r"'lightning_qlora' metadata must be a JSON object, got list"):
+        load_adapter(_fresh(), directory)
+    save_file(load_file(weights), weights, metadata={"lightning_qlora": "not json"})
+    with pytest.raises(AdapterFormatError, match=r"'lightning_qlora' metadata is not JSON"):
+        load_adapter(_fresh(), directory)
+
+
+def test_the_export_command_names_a_broken_adapter(tmp_path):
+    import subprocess
+
+    directory = _saved_adapter(tmp_path)
+    (directory / "adapter_config.json").write_text("{not json")
+    result = subprocess.run([sys.executable, "-m", "lightning_qlora.tools.export", "--adapter", str(directory),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "adapter_config.json is not valid JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_checkpoints_that_are_not_lightning_ones_are_named(tmp_path):
+    io = AtomicCheckpointIO()
+    torch.save(torch.zeros(3), tmp_path / "tensor.ckpt")
+    with pytest.raises(CheckpointLoadError, match=r"tensor.ckpt is not a Lightning checkpoint \(it holds Tensor\)"):
+        io.load_checkpoint(tmp_path / "tensor.ckpt")
+    with pytest.raises(CheckpointLoadError, match=r"is a directory, not a .ckpt file: point at a file in it"):
+        io.load_checkpoint(tmp_path)
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "plain.ckpt")  # a plain state dict, resumed by a Trainer
+    trainer = fast_trainer(strategy="qlora", plugins=[QLoRAPlugin(lora=LoRAConfig(r=4))], max_steps=1)
+    with pytest.raises(CheckpointLoadError, match=r"plain.ckpt is not a Lightning checkpoint \(it holds a plain dict"):
+        trainer.fit(RegressionModule(), regression_loader(), ckpt_path=str(tmp_path / "plain.ckpt"))
+
+
+def test_checkpoints_load_weights_only_even_when_the_environment_asks_otherwise(tmp_path, monkeypatch):
+    import pathlib
+
+    checkpoint = {"state_dict": {}, "pytorch-lightning_version": "2.6.0", "hyper_parameters": {"p": pathlib.Path("x")}}
+    torch.save(checkpoint, tmp_path / "trusted.ckpt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    io = AtomicCheckpointIO()
+    with pytest.raises(CheckpointLoadError, match=r"holds Python objects beyond tensors.*weights_only=False"):
+        io.load_checkpoint(tmp_path / "trusted.ckpt")
+    assert io.load_checkpoint(tmp_path / "trusted.ckpt", weights_only=False)["hyper_parameters"]["p"].name == "x"
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b'{"instruction": "caf\xe9", "response": "ok"}\n', r"data.jsonl:1: not UTF-8 text .*iconv"),
+    (b'{"instruction": "ok", "response": "fine"}\n{"instruction": "\\ud800", "response": "x"}\n',
+     r"data.jsonl:2: 'instruction' holds a lone surrogate escape"),
+], ids=["latin-1", "lone-surrogate"])
+def test_jsonl_encoding_problems_are_named_with_file_and_line(tmp_path, content, expected):
+    from lightning_qlora.app.data import DataFormatError, load_jsonl
+
+    (tmp_path / "data.jsonl").write_bytes(content)
+    with pytest.raises(DataFormatError, match=expected):
+        load_jsonl(tmp_path / "data.jsonl")

@@ -79,7 +79,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{str(err).splitlines()[0][:200]}). Resume from an earlier checkpoint in {target.parent}."
             ) from None
         except Exception as err:  # pickle.UnpicklingError and friends
-            if safe and "weights only" in str(err).lower().replace("_", " "):
+            if safe and "Unsupported global" in str(err):  # an object the weights-only loader will not build
                 raise CheckpointLoadError(
                     f"Checkpoint {target} holds Python objects beyond tensors and plain values, which the weights-only "
                     f"loader refuses (so no code in the file runs): {str(err).splitlines()[-1][:200]}. If you trust "
@@ -88,10 +88,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointLoadError(
                 f"Checkpoint {target} cannot be loaded: not a valid checkpoint ({type(err).__name__})."
             ) from None
-        if not isinstance(loaded, dict) or "state_dict" not in loaded or "pytorch-lightning_version" not in loaded:
-            kind = type(loaded).__name__ if not isinstance(loaded, dict) else "a plain dict, no Lightning state"
-            raise CheckpointLoadError(
-                f"Checkpoint {target} is not a Lightning checkpoint (it holds {kind}): resume from a .ckpt that "
-                "Trainer / ModelCheckpoint wrote."
-            )
+        if not isinstance(loaded, dict):
+            raise CheckpointLoadError(not_a_lightning_checkpoint(target, type(loaded).__name__))
         return loaded
+
+
+def require_lightning_checkpoint(checkpoint: dict[str, Any], path: Any) -> dict[str, Any]:
+    """``checkpoint`` if it is what Lightning resumes from (its version and a state dict), else a named refusal.
+
+    Raises:
+        CheckpointLoadError: for a dict that Lightning did not write (a plain state dict, ...).
+    """
+    if "state_dict" not in checkpoint or "pytorch-lightning_version" not in checkpoint:
+        raise CheckpointLoadError(not_a_lightning_checkpoint(Path(path), "a plain dict, no Lightning state"))
+    return checkpoint
+
+
+def not_a_lightning_checkpoint(path: Path, kind: str) -> str:
+    return (
+        f"Checkpoint {path} is not a Lightning checkpoint (it holds {kind}): resume from a .ckpt that Trainer / "
+        "ModelCheckpoint wrote."
+    )

@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from lightning_qlora.lightning.checkpoint_io import AtomicCheckpointIO
+from lightning_qlora.lightning.checkpoint_io import AtomicCheckpointIO, require_lightning_checkpoint
 from lightning_qlora.lightning.plugin import QLoRAPlugin
 from lightning_qlora.lightning.strategies.mixin import QLoRAStrategyMixin
 from lightning_qlora.modules import find_blocks
@@ -118,7 +118,7 @@ class QLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         # Adapter-only checkpoints are small: every rank reads the whole file and takes its shards from it.
         path = self.broadcast(checkpoint_path)
-        return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        return require_lightning_checkpoint(self.checkpoint_io.load_checkpoint(path, weights_only=weights_only), path)
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:

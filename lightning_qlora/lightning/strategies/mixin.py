@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_qlora.calibration import CalibrationData, CalibrationError
 from lightning_qlora.lightning.calibration_data import calibration_batches
+from lightning_qlora.lightning.checkpoint_io import require_lightning_checkpoint
 from lightning_qlora.lightning.interruption import GracefulInterrupt, is_graceful_stop, save_interrupted_run
 from lightning_qlora.lightning.oom import explain_out_of_memory
 from lightning_qlora.lightning.plugin import QLoRAPlugin
@@ -186,6 +187,11 @@ class QLoRAStrategyMixin(Strategy):
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         with explain_out_of_memory(self, "the backward pass"):
             return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        return require_lightning_checkpoint(checkpoint, checkpoint_path)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
