@@ -128,7 +128,9 @@ def test_the_plugin_keeps_no_state_between_calls():
     # What a conversion needs comes in as arguments (device, calibration); the plugin holds only its settings and
     # what it reports (the summary), never values parked for a later call to find.
     plugin = QLoRAPlugin()
-    assert set(vars(plugin)) == {"quant", "lora", "compile", "precision", "dtype", "summary", "adapters_from_checkpoint"}
+    assert set(vars(plugin)) == {
+        "quant", "lora", "compile", "resume_mismatch", "precision", "dtype", "summary", "adapters_from_checkpoint"
+    }
 
 
 @pytest.mark.parametrize("gptq", [False, True], ids=["cloq", "gptq+cloq"])
