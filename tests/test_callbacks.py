@@ -13,7 +13,7 @@ from lightning_qlora.lightning.callbacks import TrainingCurves
 from lightning_qlora.lightning.callbacks.throughput import token_throughput_monitor
 
 
-def _fit(tmp_path, callbacks, max_steps=6, config=None, logger=False):
+def _fit(tmp_path, callbacks, max_steps=6, config=None, logger=False, enable_progress_bar=False):
     module = CausalLMModule(config)
     trainer = Trainer(
         accelerator="cpu",
@@ -24,7 +24,7 @@ def _fit(tmp_path, callbacks, max_steps=6, config=None, logger=False):
         logger=logger,
         log_every_n_steps=2,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=enable_progress_bar,
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
@@ -111,3 +111,27 @@ def test_training_curves_png(tmp_path, tiny_llama_config):
     assert curves.steps == [1, 2, 3, 4, 5, 6] and len(curves.losses) == 6 and len(curves.memory_gib) == 6
     data = (tmp_path / "curves.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_plain_progress_lines_when_nobody_watches_a_terminal(tmp_path, tiny_llama_config, caplog):
+    import logging
+
+    from lightning_qlora.lightning.callbacks import PlainProgress, progress_callback
+
+    assert isinstance(progress_callback(interactive=False), PlainProgress)
+    with caplog.at_level(logging.INFO):
+        _fit(tmp_path, [PlainProgress(every_n_steps=2)], max_steps=4, config=tiny_llama_config)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert all("loss " in line and "tokens/s" in line and "elapsed" in line for line in lines), lines
+    assert "left ~" in lines[0]
+
+
+def test_the_bar_counts_steps_of_max_steps(tmp_path, tiny_llama_config):
+    from lightning_qlora.lightning.callbacks import StepProgressBar, progress_callback
+
+    bar = progress_callback(interactive=True)
+    assert isinstance(bar, StepProgressBar)
+    _fit(tmp_path, [bar], max_steps=3, config=tiny_llama_config, enable_progress_bar=True)
+    assert bar.train_progress_bar.total == 3 and bar.train_progress_bar.n == 3
+    assert "tok/s" in bar.train_progress_bar.postfix

@@ -43,6 +43,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _quiet_known_noise()
     from hydra.utils import instantiate
     from lightning.pytorch import seed_everything
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lightning_qlora.app.models.pretrained import resolve_pretrained
@@ -64,12 +65,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, tokenizer_path=model_path)
     module = instantiate(cfg.model, name_or_path=model_path)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    bar_wanted = cfg.trainer.get("enable_progress_bar", True) is not False
+    if not bar_wanted:  # the user switched bars off: keep the plain lines, drop a bar
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     logger: Any = instantiate(cfg.logger) if cfg.get("logger") else False
     plugin = QLoRAPlugin(quant=quant, lora=lora, compile=_compile_setting(cfg.get("compile", False)))
     resume = resume_checkpoint(cfg.get("resume"))
     if resume is not None:
         plugin.restore_adapters_from_checkpoint()  # the checkpoint's adapters replace any initial ones
-    trainer = instantiate(cfg.trainer, plugins=[plugin], callbacks=callbacks, logger=logger)
+    trainer = instantiate(
+        cfg.trainer, plugins=[plugin], callbacks=callbacks, logger=logger, enable_progress_bar=has_bar and bar_wanted
+    )
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

@@ -2,6 +2,7 @@
 
 from lightning_qlora.lightning.callbacks.adapter_checkpoint import AdapterCheckpoint
 from lightning_qlora.lightning.callbacks.peak_memory import PeakMemoryMonitor
+from lightning_qlora.lightning.callbacks.progress import PlainProgress, StepProgressBar, progress_callback
 from lightning_qlora.lightning.callbacks.training_curves import TrainingCurves
 from lightning_qlora.lightning.callbacks.training_guards import (
     NoAdapterGradientError,
@@ -14,6 +15,9 @@ __all__ = [
     "NoAdapterGradientError",
     "NonFiniteLossError",
     "PeakMemoryMonitor",
+    "PlainProgress",
+    "StepProgressBar",
     "TrainingCurves",
     "TrainingGuard",
+    "progress_callback",
 ]

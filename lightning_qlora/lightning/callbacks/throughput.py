@@ -16,14 +16,15 @@ def token_throughput_monitor(window_size: int = 20) -> ThroughputMonitor:
     world totals ``train/items_per_sec`` and ``train/samples_per_sec`` when several devices train, every
     ``log_every_n_steps`` once ``window_size`` batches have been seen.
     """
-    return ThroughputMonitor(batch_size_fn=_batch_size, length_fn=_token_count, window_size=window_size)
+    return ThroughputMonitor(batch_size_fn=_batch_size, length_fn=count_tokens, window_size=window_size)
 
 
 def _batch_size(batch: Any) -> int:
     return int(_input_ids(batch).size(0))
 
 
-def _token_count(batch: Any) -> int:
+def count_tokens(batch: Any) -> int:
+    """The non-padding tokens of an ``{"input_ids", "attention_mask"}`` batch, every element of ``(input_ids, ...)``."""
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
     return int(mask.sum()) if mask is not None else int(_input_ids(batch).numel())
 
