@@ -128,6 +128,13 @@ def test_short_end_to_end_run_of_the_default_job(tmp_path, smollm2_path):
     wandb_run = Path(results["wandb"]["run_dir"])
     assert wandb_run.name.startswith("offline-run-") and list(wandb_run.glob("run-*.wandb"))
     assert "wandb sync" in result.stdout and "held-out perplexity" in result.stdout
+    # Paths and commands printed whole, to be copied (rich would cut them at 80 columns in a pipe).
+    assert f"wandb sync {results['wandb']['run_dir']}" in result.stdout
+    assert results["adapter_dir"] in result.stdout and results["training_curves"] in result.stdout
+    output = result.stdout + result.stderr
+    assert "Tip:" not in output  # Lightning's advertisement
+    assert output.count("Calibrated ") == 1  # the calibration result, once
+    assert "site-packages" not in "\n".join(line for line in output.splitlines() if "Warning" in line)
 
     # The answers before and after are printed side by side.
     assert len(results["answers"]) == 1 and results["answers"][0]["before"] != results["answers"][0]["after"]

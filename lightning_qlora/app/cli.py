@@ -103,6 +103,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fit_seconds = time.perf_counter() - started
     results["resumed_from"] = str(resume) if resume else None
     results["perplexity_after"] = _validate(trainer, module, datamodule) if cfg.eval.perplexity else None
+    curves_callback = _find(callbacks, TrainingCurves)
+    if curves_callback is not None and curves_callback.path and curves_callback.steps and trainer.is_global_zero:
+        curves_callback.write(curves_callback.path)  # again, with the validation after training
     after = module.generate_answers(
         datamodule.tokenizer, [s.prompt for s in samples], cfg.eval.max_new_tokens, datamodule.system_prompt
     )
@@ -173,6 +176,19 @@ def _quiet_known_noise() -> None:
     # ThroughputMonitor asks for FLOPs per batch to report MFU; tokens/s is what this app reports.
     warnings.filterwarnings("ignore", message=".*you need to define a `flops_per_batch`.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    # Lightning advertises a logging service at every fit; the app already logs to W&B or CSV.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+    # A warning is a sentence for the user, not a site-packages path and line number.
+    warnings.formatwarning = _warning_line
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def _warning_line(message: Any, category: type[Warning], *_: Any, **__: Any) -> str:
+    return f"{category.__name__}: {message}\n"
 
 
 def _validate(trainer: Any, module: Any, datamodule: Any) -> float:
@@ -218,8 +234,8 @@ def _print_report(results: dict[str, Any]) -> None:
 
     console = Console()
     table = Table(title="QLoRA fine-tune", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value")
+    table.add_column("what", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
     ppl_b, ppl_a = results["perplexity_before"], results["perplexity_after"]
     if ppl_b is not None and ppl_a is not None:
         table.add_row("held-out perplexity", f"{ppl_b:.2f} -> {ppl_a:.2f} ({100 * (ppl_a - ppl_b) / ppl_b:+.1f}%)")
@@ -233,15 +249,19 @@ def _print_report(results: dict[str, Any]) -> None:
     for key, value in results["peak_memory_gib"].items():
         label = {"memory/run_peak_rss_gib": "peak RSS (CPU process)"}.get(key, key.replace("memory/run_", ""))
         table.add_row(label, f"{value:.3f} GiB")
-    table.add_row("adapter", f"{results['adapter_dir']} ({results['adapter_mib']:.2f} MiB)")
+    table.add_row("adapter", f"{results['adapter_mib']:.2f} MiB (path below)")
+    console.print(table)
+    # Paths and commands on lines of their own, whole, whatever the terminal's width: to be copied.
+    lines = [f"adapter:          {results['adapter_dir']}"]
     if results.get("training_curves"):
-        table.add_row("training curves", results["training_curves"])
+        lines.append(f"training curves:  {results['training_curves']}")
     wandb_info = results.get("wandb")
     if wandb_info:
-        where = wandb_info["run_dir"]
-        hint = f"  (upload later: wandb sync {where})" if wandb_info["mode"] == "offline" else ""
-        table.add_row(f"W&B run ({wandb_info['mode']})", where + hint)
-    console.print(table)
+        lines.append(f"W&B run ({wandb_info['mode']}): {wandb_info['run_dir']}")
+        if wandb_info["mode"] == "offline":
+            lines.append(f"upload it later:  wandb sync {wandb_info['run_dir']}")
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False)
 
     answers = Table(title="Held-out terms: answers before and after fine-tuning", show_lines=True)
     for column in ("prompt", "before", "after", "reference (Jargon File)"):

@@ -215,13 +215,13 @@ class BlockCalibration:
             1 for name, _ in iter_linears(model) if name not in rounded and not matches_any(name, skip)
         )
         report.seconds = time.perf_counter() - self._started
-        if self.rounding == "gptq":
-            log.info(
+        if self.rounding == "gptq":  # (debug: the plugin logs the result once, with what asked for it)
+            log.debug(
                 "Calibrated the 4-bit rounding of %d linears on %d tokens in %.0f s (%d rounded to nearest).",
                 report.layers, report.tokens, report.seconds, report.nearest,
             )
         else:
-            log.info("Gathered the input statistics of the linears on %d tokens in %.0f s.", report.tokens,
+            log.debug("Gathered the input statistics of the linears on %d tokens in %.0f s.", report.tokens,
                      report.seconds)
         self._inputs = []
         return report

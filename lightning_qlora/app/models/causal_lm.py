@@ -72,7 +72,11 @@ class CausalLMFineTune(LightningModule):
             return
         self.model = causal_lm_for_fine_tuning(self._settings.name_or_path)
         if self._settings.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # (transformers >= 5.2x's name)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             # With a frozen base, the checkpointed blocks must see an input that requires grad.
             self.model.enable_input_require_grads()
 
