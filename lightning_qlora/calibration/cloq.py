@@ -62,9 +62,9 @@ def _factors(
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     error = weight.detach().double() - stored.detach().double().to(weight.device)
-    # ||(E - M) X^T||^2 = ||(E - M) L||^2 for H = L L^T: the best rank-r M is SVD_r(E L) L^-1 (fp32 SVD: 3-4x faster
-    # on the CPU than fp64, and an initialization needs no more).
-    left, singular, right = torch.linalg.svd((error @ factor).float(), full_matrices=False)
+    # ||(E - M) X^T||^2 = ||(E - M) L||^2 for H = L L^T: the best rank-r M is SVD_r(E L) L^-1. Only the top r
+    # singular triplets are needed: a randomized range finder gets them for a fraction of a full SVD's cost.
+    left, singular, right = top_singular_triplets((error @ factor).float(), rank)
     kept = min(rank, singular.numel())
     half = singular[:kept].sqrt() / math.sqrt(scaling)
     lora_b = torch.zeros(weight.shape[0], rank, dtype=torch.float32, device=weight.device)
@@ -75,6 +75,27 @@ def _factors(
     if kept < rank:
         nn.init.kaiming_uniform_(lora_a[kept:], a=math.sqrt(5))
     return lora_a, lora_b
+
+
+def top_singular_triplets(
+    matrix: torch.Tensor, rank: int, oversample: int = 10, power_iterations: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, Vh)`` holding at least the top ``rank`` singular triplets of ``matrix`` (descending), by a randomized
+    range finder with power iterations (Halko et al., 2011) on a fixed seed: deterministic, and a full SVD when the
+    matrix is barely larger than the rank.
+    """
+    rows, cols = matrix.shape
+    width = rank + oversample
+    if min(rows, cols) <= 2 * width:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    generator = torch.Generator(device=matrix.device).manual_seed(0)
+    probe = torch.randn(cols, width, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    basis = torch.linalg.qr(matrix @ probe).Q
+    for _ in range(power_iterations):  # sharpen the spectrum: (A A^T)^q A
+        basis = torch.linalg.qr(matrix.T @ basis).Q
+        basis = torch.linalg.qr(matrix @ basis).Q
+    small_left, singular, right = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return basis @ small_left, singular, right
 
 
 def statistics_factor(hessian: torch.Tensor, damping: float = CLOQ_DAMPING) -> torch.Tensor:
