@@ -116,6 +116,7 @@ def test_short_end_to_end_run_of_the_default_job(tmp_path, smollm2_path):
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 16
+    assert Path(config["base_model_name_or_path"]).is_dir()  # a path PEFT can load, not the app's alias
     assert 1 < results["adapter_mib"] < 40
     assert (run_dir / "adapter" / "step-000004").is_dir()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
