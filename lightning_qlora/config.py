@@ -34,6 +34,8 @@ LORA_INITS: tuple[str, ...] = ("default", "cloq")
 # The blocksizes bitsandbytes' 4-bit kernels accept (bitsandbytes.functional.quantize_4bit).
 SUPPORTED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 ALL_LINEAR = "all-linear"
+# The heads fine-tuning adds to a pretrained model: trained whole and saved with the adapter (PEFT's modules_to_save).
+DEFAULT_MODULES_TO_SAVE: tuple[str, ...] = ("classifier", "score", "qa_outputs")
 
 
 class ConfigError(QLoRAError, ValueError):
@@ -181,6 +183,11 @@ class LoRAConfig:
             that best restores each layer's outputs on ``QuantConfig.calibration_samples`` training sequences
             (:mod:`lightning_qlora.calibration.cloq`). Needs calibration data (``strategy="qlora"`` with a datamodule);
             with ``quant_type="none"`` there is no rounding error and it is the default init.
+        modules_to_save: modules trained whole, in full precision, and saved in the adapter (PEFT's
+            ``modules_to_save``): new task heads. A name matches a module whose qualified name ends with it; names
+            the model does not have are ignored. By default the usual heads (``classifier``, ``score``,
+            ``qa_outputs``), so a sequence-classification head trains instead of being quantized and frozen.
+            ``()`` trains none.
 
     Raises:
         ConfigError: listing every invalid value at once.
@@ -197,9 +204,18 @@ class LoRAConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: LoRAInit = "default"
+    modules_to_save: Sequence[str] = DEFAULT_MODULES_TO_SAVE
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        heads = _as_str_tuple(self.modules_to_save) if self.modules_to_save is not None else ()
+        if heads is None or any(not name for name in heads):
+            problems.append(
+                f"modules_to_save={self.modules_to_save!r} must be a list of module names such as ['classifier'] "
+                "(use [] for none)."
+            )
+        else:
+            self.modules_to_save = heads
         if isinstance(self.r, bool) or not isinstance(self.r, int):
             problems.append(f"r={self.r!r} must be a positive int, e.g. 8, 16 or 64.")
         elif self.r <= 0:
@@ -263,6 +279,7 @@ class LoRAConfig:
         data = asdict(self)
         if not isinstance(self.target_modules, str):
             data["target_modules"] = list(self.target_modules)
+        data["modules_to_save"] = list(self.modules_to_save)
         return data
 
 

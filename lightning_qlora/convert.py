@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,9 +23,10 @@ from lightning_qlora._progress import progress_bar
 from lightning_qlora.calibration import CalibrationData, CalibrationReport, CalibrationResult
 from lightning_qlora.calibration.during_conversion import CalibrationDuringConversion
 from lightning_qlora.config import LoRAConfig, QuantConfig
+from lightning_qlora.lora.heads import find_modules_to_save, modules_to_save_of, train_whole
 from lightning_qlora.lora.inject import target_names, wrap_linears
 from lightning_qlora.lora.layer import LoRALinear
-from lightning_qlora.modules import find_blocks, is_adapter_parameter, replace_submodule
+from lightning_qlora.modules import find_blocks, is_adapter_parameter, is_inside, replace_submodule
 from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR
 from lightning_qlora.quant.quantize import CALIBRATION_ATTR, LinearQuantizer, QuantizationReport, require_linears
 from lightning_qlora.quant.streaming import StreamedWeights, checkpoint_of
@@ -46,6 +47,7 @@ class ConversionSummary:
         total_params: all parameters, a packed 4-bit weight counted by its logical ``out x in`` shape.
         quant: the settings it was converted with.
         calibration: what calibrating during the conversion measured (``calibrate_on``), if it ran.
+        trained_whole: the modules trained whole in full precision and saved with the adapter (``modules_to_save``).
     """
 
     quantization: QuantizationReport
@@ -55,6 +57,7 @@ class ConversionSummary:
     total_params: int
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationReport | None = None
+    trained_whole: list[str] = field(default_factory=list)
 
     @property
     def trainable_percent(self) -> float:
@@ -70,11 +73,19 @@ class ConversionSummary:
         return (
             f"QLoRA: {len(q.quantized)} linear layer(s) -> {quant.quant_type}"
             f"{' + double quant' if quant.double_quant and quant.quantized else ''} "
-            f"(compute {quant.compute_dtype}, blocksize {quant.blocksize}), {len(q.skipped)} kept as they were; "
+            f"(compute {quant.compute_dtype}, blocksize {quant.blocksize}), {len(q.skipped)} kept in full precision"
+            f"{_named(self._kept_names())}; "
             f"linear weights {_mib(q.bytes_before)} -> {_mib(q.bytes_after)} "
             f"({q.bits_per_parameter:.3f} bits/param); LoRA on {len(self.adapted)} layer(s); "
             f"trainable params {self.trainable_params:,} / {self.total_params:,} ({self.trainable_percent:.3f}%)"
         )
+
+    def _kept_names(self) -> list[str]:
+        # A head trained whole is kept too, but it trains: say so, or the line reads as a frozen full-precision head.
+        return [
+            f"{name}: trained, saved with the adapter" if is_inside(name, self.trained_whole) else name
+            for name in self.quantization.skipped
+        ]
 
     def as_metrics(self) -> dict[str, float]:
         q = self.quantization
@@ -150,6 +161,13 @@ def iter_converted_blocks(
     target = torch.device(device) if device is not None else None
     # Quantized here before (a fingerprint was recorded: e.g. validate() then fit()) or elsewhere (4-bit layers).
     converted_before = hasattr(model, WEIGHTS_HASH_ATTR) or any(is_quantized_linear(m) for _, m in linears)
+    # Task heads train whole (modules_to_save): they stay out of 4-bit, get no adapter, and do not count in the base's
+    # fingerprint (the adapter carries their weights).
+    wanted_heads = find_modules_to_save(model, lora.modules_to_save) if lora is not None else []
+    heads = sorted(set(modules_to_save_of(model)) | set(wanted_heads))
+    if heads:  # every linear inside a head too (RoBERTa's classifier holds dense and out_proj)
+        inside_heads = [name for name, _ in linears if is_inside(name, heads)]
+        quant = replace(quant, skip_modules=(*quant.skip_modules, *heads, *inside_heads))
     # Targets are chosen and checked over the whole model before anything is converted.
     targets = target_names(model, lora, quant.skip_modules) if lora is not None else []
     rounded = calibration.rounded if calibration is not None else {}
@@ -190,7 +208,7 @@ def iter_converted_blocks(
             if converted_before:
                 continue  # converted (and fingerprinted) by an earlier call, or quantized elsewhere
             if quantizer.skips(name):
-                quantizer.keep(name, linear)
+                quantizer.keep(name, linear, fingerprint=not is_inside(name, heads))
             else:
                 replace_submodule(model, name, quantizer.convert(name, linear, block_rounded.get(name)))
                 quantized.append(name)
@@ -199,11 +217,12 @@ def iter_converted_blocks(
         _materialize_meta(piece, target)
         if target is not None:
             piece.to(target)
-        cast_floating(piece, dtype)
+        head_parameters = {id(p) for head in heads for p in model.get_submodule(head).parameters()}
+        cast_floating(piece, dtype, keep=head_parameters)
         names = [n for n in targets if block_of(n) == piece_name]
         adapted = wrap_linears(model, names, lora) if lora is not None else []
         adapted_all.extend(adapted)
-        _freeze_base(piece)
+        _freeze_base(piece, head_parameters)
         initialized.extend(_initialize(model, adapted, {**adapter_init, **block_factors}))
         return ConvertedBlock(piece_name, piece, quantized, adapted)
 
@@ -213,6 +232,8 @@ def iter_converted_blocks(
         _advance(bar, streamed)
         yield piece
     root = finish("", model)
+    if heads:
+        train_whole(model, heads, dtype)
     _advance(bar, streamed)
     if bar is not None:
         bar.close()
@@ -226,7 +247,8 @@ def iter_converted_blocks(
         setattr(model, CALIBRATION_ATTR, "gptq")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     root.summary = ConversionSummary(
-        report, adapted_all, initialized, trainable, logical_param_count(model), quant, calibrated
+        report, adapted_all, initialized, trainable, logical_param_count(model), quant, calibrated,
+        trained_whole=modules_to_save_of(model),
     )
     yield root
 
@@ -254,12 +276,15 @@ def convert_model(
     return summary
 
 
-def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+def cast_floating(model: nn.Module, dtype: torch.dtype, keep: set[int] | None = None) -> None:
     """Store the frozen non-linear weights (embeddings, norms, a skipped head) in the compute dtype: kept in fp32
-    they would cost as much memory as the whole 4-bit base of a small model. Adapters and packed bytes are kept.
+    they would cost as much memory as the whole 4-bit base of a small model. Adapters, packed bytes and the
+    parameters in ``keep`` (``id``s: modules trained whole) are kept as they are.
     """
     for name, param in model.named_parameters():
         if is_adapter_parameter(name) or param.is_meta or not param.is_floating_point() or param.dtype == dtype:
+            continue
+        if keep and id(param) in keep:
             continue
         if is_packed(param):
             continue  # packed 4-bit bytes stored as a float dtype (quant_storage): a cast would destroy them
@@ -282,6 +307,14 @@ def logical_param_count(module: nn.Module) -> int:
     return total
 
 
+def _named(names: Sequence[str], limit: int = 6) -> str:
+    """``" (a, b, c)"`` for a short list of module names, the first ``limit`` and a count for a long one."""
+    if not names:
+        return ""
+    shown = ", ".join(names[:limit])
+    return f" ({shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''})"
+
+
 def _advance(bar: Any, streamed: StreamedWeights | None) -> None:
     if bar is None:
         return
@@ -290,10 +323,10 @@ def _advance(bar: Any, streamed: StreamedWeights | None) -> None:
     bar.update(1)
 
 
-def _freeze_base(piece: nn.Module) -> None:
-    # Only the adapters train; everything else of the piece is frozen base.
+def _freeze_base(piece: nn.Module, heads: set[int]) -> None:
+    # Only the adapters (and the modules trained whole, ``heads``: parameter ids) train; the rest is frozen base.
     for name, param in piece.named_parameters():
-        param.requires_grad_(is_adapter_parameter(name))
+        param.requires_grad_(is_adapter_parameter(name) or id(param) in heads)
 
 
 def _initialize(

@@ -30,6 +30,11 @@ def matches_any(name: str, targets: Iterable[str]) -> bool:
     return any(name_matches(name, target) for target in targets)
 
 
+def is_inside(name: str, modules: Iterable[str]) -> bool:
+    """Whether the qualified ``name`` (a module or parameter) is one of ``modules`` (qualified names) or inside one."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def is_adapter_parameter(name: str) -> bool:
     """True for an adapter tensor's qualified name: ``...lora_A.weight``, ``...lora_B.weight`` or DoRA's
     ``...lora_magnitude_vector``.

@@ -210,6 +210,26 @@ def test_export_merged_loads_with_transformers_and_reports_drift(tmp_path, tiny_
     assert not any(isinstance(m, LoRALinear) or is_quantized_linear(m) for m in reloaded.modules())
     # fp32 merge of the dequantized base: only float rounding separates it from base + adapter.
     assert report.rel_logit_error < 1e-4 and report.max_abs_logit_diff < 1e-3
+    assert report.weight_rounding_rel_error == 0.0 and "the merge is faithful" in report.drift_explained()
+
+
+def test_export_drift_is_put_on_the_scale_of_the_dtype_and_a_wrong_merge_is_called_out(tmp_path, tiny_llama_config, ids):
+    from lightning_qlora.tools.export import merge_drift
+
+    model = _ours(llama(tiny_llama_config), quant=QuantConfig(compute_dtype="fp32"))
+    _train_like(model)
+    report = export_merged(model, tmp_path / "merged", dtype=torch.bfloat16, check_input_ids=ids, progress=False)
+    # bf16 keeps 8 significant bits: each weight rounds by up to 2^-9, about 2e-3 relative on the whole.
+    assert 1e-4 < report.weight_rounding_rel_error < 4e-3
+    assert report.rel_logit_error_fp32_compute <= report.rel_logit_error
+    assert "the merge is faithful" in report.drift_explained()
+    # The export no longer matches what the model computes (its adapters changed after the merge): called out.
+    for _, layer in iter_lora_layers(model):
+        layer.lora_B.weight.data *= 4
+    report.max_abs_logit_diff, report.rel_logit_error, report.rel_logit_error_fp32_compute = merge_drift(
+        model, tmp_path / "merged", ids
+    )
+    assert "more than rounding explains" in report.drift_explained()
 
 
 def test_export_cli(tmp_path, tiny_llama_config):

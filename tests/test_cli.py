@@ -188,6 +188,34 @@ def test_sweep_runs_one_job_per_value(tmp_path, smollm2_path):
         json.loads((p / "adapter_config.json").read_text())["r"] for p in tmp_path.glob("multirun/*/*/*/adapter/last")
     )
     assert ranks == [4, 8]
+    # Runs are named by what the sweep varies, and one table covers them all.
+    (sweep_dir,) = tmp_path.glob("multirun/*/*")
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0_r=4", "1_r=8"]
+    table = (sweep_dir / "summary.md").read_text()
+    lines = table.splitlines()
+    assert lines[0].startswith("| run | lora.r | ppl before | ppl after | steps | tokens/s")
+    assert lines[2].startswith("| 0_r=4 | 4 |") and lines[3].startswith("| 1_r=8 | 8 |") and "| 2 |" in lines[3]
+    assert str(sweep_dir / "summary.md") in result.stdout
+    assert len(json.loads((sweep_dir / "summary.json").read_text())) == 2
+
+
+def test_sweep_directory_names_are_short_and_distinct():
+    from lightning_qlora.app.sweep import MAX_DIRNAME, sweep_dirname, swept_keys
+
+    command = ["lora.r=4,8", "quant=nf4,fp4", "experiment=smoke", "trainer.max_steps=2", "+data.extra=range(1,3)"]
+    assert swept_keys(command) == {"lora.r", "quant", "data.extra"}
+    assert sweep_dirname(["lora.r=4", "quant=fp4", "trainer.max_steps=2"], {"lora.r", "quant"}) == "r=4,quant=fp4"
+    # Nothing known of the sweep: every override, cut to a bounded length with a hash that keeps runs apart.
+    many = [f"trainer.setting_number_{i}=value_{i}" for i in range(8)]
+    first, second = sweep_dirname([*many, "lora.r=4"], set()), sweep_dirname([*many, "lora.r=8"], set())
+    assert len(first) <= MAX_DIRNAME and len(second) <= MAX_DIRNAME and first != second
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_directory(tmp_path, smollm2_path):
+    result = _run_app(["data=jsonl", f"data.path={tmp_path / 'missing.jsonl'}", "logger=csv"], cwd=tmp_path)
+    assert result.returncode != 0 and "missing.jsonl' does not exist" in result.stderr
+    assert not list((tmp_path / "outputs").glob("*/*"))
+    assert "removed its directory" in result.stdout + result.stderr
 
 
 def test_config_files_ship_inside_the_wheel(tmp_path):

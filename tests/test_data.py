@@ -111,6 +111,18 @@ def test_jsonl_bad_rows_name_file_and_line(tmp_path, lines, message):
         load_jsonl(_write(tmp_path, lines))
 
 
+def test_jsonl_alpaca_input_joins_the_instruction(tmp_path):
+    path = _write(tmp_path, [
+        '{"instruction": "Translate to French.", "input": "Good morning", "response": "Bonjour"}',
+        '{"instruction": "Name a colour.", "input": "", "response": "Blue"}',
+    ])
+    examples = load_jsonl(path)
+    assert [e.prompt for e in examples] == ["Translate to French.\n\nGood morning", "Name a colour."]
+    assert load_jsonl(path, input_key=None)[0].prompt == "Translate to French."
+    with pytest.raises(DataFormatError, match=r"data.jsonl:1: 'input' must be a string"):
+        load_jsonl(_write(tmp_path, ['{"instruction": "a", "input": 3, "response": "b"}']))
+
+
 def test_jsonl_missing_file(tmp_path):
     with pytest.raises(DataFormatError, match=r"does not exist. Expected a JSONL file"):
         load_jsonl(tmp_path / "missing.jsonl")

@@ -19,14 +19,39 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_qlora.app.sweep import register_resolver
+
 log = logging.getLogger("lightning_qlora")
+register_resolver()  # before Hydra resolves a sweep job's directory name
+# What makes a run directory worth keeping after a failure: anything a user could resume from, load or read.
+_RUN_OUTPUTS = ("*.ckpt", "*.safetensors", "results.json", "*.png")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Console-script entry point; returns the held-out perplexity after training (for sweepers)."""
-    results = run(cfg)
+    try:
+        results = run(cfg)
+    except BaseException:
+        _drop_empty_run_dir(Path(cfg.run_dir))
+        raise
     return float(results["perplexity_after"] if results["perplexity_after"] is not None else math.nan)
+
+
+def _drop_empty_run_dir(run_dir: Path) -> None:
+    """A run that failed before writing anything of use leaves no directory behind (only Hydra's config copy, a log
+    and an empty logger folder would be there); one with a checkpoint, adapter or results stays whole.
+    """
+    import shutil
+    import sys
+
+    if not run_dir.is_dir() or any(next(run_dir.rglob(pattern), None) for pattern in _RUN_OUTPUTS):
+        return
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish(exit_code=1)  # its files are inside the directory about to go
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("The run failed before writing a checkpoint, adapter or results: removed its directory %s", run_dir)
 
 
 def _compile_setting(value: Any) -> Any:

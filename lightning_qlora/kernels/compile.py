@@ -23,6 +23,7 @@ bf16 weight for backward, which is what 4-bit storage exists to avoid. (Measurem
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
@@ -32,6 +33,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from lightning_qlora._imports import import_bitsandbytes
 from lightning_qlora.modules import find_blocks
 from lightning_qlora.quant.weight import has_quantized_linears
+
+log = logging.getLogger(__name__)
 
 
 def compile_blocks(
@@ -60,6 +63,7 @@ def compile_blocks(
             f"{type(root).__name__} has no transformer blocks to compile (no nn.ModuleList of layers with linear "
             "layers). Compile the model yourself with torch.compile, or leave compile off."
         )
+    _allow_forward_side_effects_under_checkpoint()
     for _, block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
             _checkpoint_inside_compiled_region(block, recompute_dequantize, checkpointing)
@@ -73,6 +77,22 @@ def compile_blocks(
         # Training never reads the cache; generate() still caches (it passes use_cache from its generation config).
         config.use_cache = False
     return [name for name, _ in blocks]
+
+
+def _allow_forward_side_effects_under_checkpoint() -> None:
+    # transformers 5.25 wraps attention layers in the `kernels` package's forward, which sets a global (the kernel
+    # routing) on every call. Inside the checkpoint a compiled block runs under, dynamo refuses that side effect, breaks
+    # the graph and runs the whole block eagerly: compile silently did nothing (0 compiled graphs run, seen with
+    # transformers 5.25 on CPU). The routing is Python state, not tensor work, so the recompute in backward does not
+    # need it replayed; this switch (process-wide) tells dynamo so.
+    config = torch._dynamo.config
+    if hasattr(config, _SIDE_EFFECTS_SWITCH) and not getattr(config, _SIDE_EFFECTS_SWITCH):
+        setattr(config, _SIDE_EFFECTS_SWITCH, True)
+        log.info("torch.compile: torch._dynamo.config.%s = True (forward side effects in checkpointed blocks, such as "
+                 "transformers' kernel routing, are not replayed in backward)", _SIDE_EFFECTS_SWITCH)
+
+
+_SIDE_EFFECTS_SWITCH = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
 
 def dequantize_ops() -> frozenset[Any]:

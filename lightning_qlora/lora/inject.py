@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_qlora._progress import progress_bar
 from lightning_qlora.config import ALL_LINEAR, LoRAConfig
+from lightning_qlora.lora.heads import saved_parameter_ids
 from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.modules import (
     is_adapter_parameter,
@@ -143,12 +144,15 @@ def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> int:
-    """Freeze everything but ``lora_A``/``lora_B``; return the number of trainable parameters."""
+    """Freeze everything but the adapters (and the modules trained whole, ``modules_to_save``); return the number of
+    trainable parameters.
+    """
+    saved = saved_parameter_ids(model)
     trainable = 0
     for name, param in model.named_parameters():
-        is_adapter = is_adapter_parameter(name)
-        param.requires_grad_(is_adapter)
-        trainable += param.numel() if is_adapter else 0
+        trains = is_adapter_parameter(name) or id(param) in saved
+        param.requires_grad_(trains)
+        trainable += param.numel() if trains else 0
     return trainable
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,18 @@ import torch
 from torch import nn
 
 from lightning_qlora._atomic import output_directory, write_files_atomically, writer_lock
-from lightning_qlora.config import LoRAConfig, QuantConfig
-from lightning_qlora.errors import QLoRAError
+from lightning_qlora.config import QuantConfig
+from lightning_qlora.lora.heads import find_modules_to_save, modules_to_save_of, train_whole
 from lightning_qlora.lora.inject import inject_lora, iter_lora_layers
 from lightning_qlora.lora.layer import LoRALinear
-from lightning_qlora.modules import adapter_root, base_linears
+from lightning_qlora.lora.peft_config import (
+    ADAPTER_CONFIG,
+    AdapterFormatError,
+    lora_config_from_peft,
+    peft_config_dict,
+    read_adapter_config,
+)
+from lightning_qlora.modules import adapter_root, base_linears, is_inside
 from lightning_qlora.quant.fingerprint import (
     FingerprintMismatchError,
     base_fingerprint,
@@ -39,37 +47,8 @@ from lightning_qlora.sharding import full_tensor
 log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _METADATA_KEY = "lightning_qlora"
-# adapter_config.json fields PEFT (0.13 - 0.21) writes for LoRA. A field outside this set is refused: it may change
-# what the adapter computes in a way this library would silently ignore.
-KNOWN_PEFT_FIELDS = frozenset(
-    [
-        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
-        "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
-        "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
-        "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core",
-        "modules_to_save", "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern",
-        "revision", "runtime_config", "target_modules", "target_parameters", "task_type", "trainable_token_indices",
-        "use_bdlora", "use_dora", "use_qalora", "use_rslora", "velora_config",
-    ]
-)
-# Fields that, when set to anything but their default, describe an adapter this library cannot reproduce.
-_UNSUPPORTED_IF_SET = {
-    "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
-    "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layer_replication": None,
-    "trainable_token_indices": None, "target_parameters": None, "use_qalora": False, "use_bdlora": False,
-    "alora_invocation_tokens": None, "exclude_modules": None,
-}
-
-
-# PEFT inits that change the base weights along with the adapter (an adapter trained so needs that changed base).
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga")
-
-
-class AdapterFormatError(QLoRAError, ValueError):
-    """An adapter directory is missing a file, is truncated or corrupted, or does not fit the model."""
 
 
 def save_adapter(
@@ -112,7 +91,7 @@ def save_adapter(
     config = peft_config_dict(root, layers, base_model_name_or_path)
     facts = {
         "library": "lightning_qlora",
-        "base_fingerprint": base_fingerprint(root, base_linears(root)),
+        "base_fingerprint": base_fingerprint(root, _fingerprinted_linears(root)),
         "quantization": quantization_settings(root),
         **(metadata or {}),
     }
@@ -188,15 +167,27 @@ def load_adapter(
             )
 
     root = adapter_root(module)
+    heads = find_modules_to_save(root, lora_config.modules_to_save) if config.get("modules_to_save") else []
+    if heads and not isinstance(lora_config.target_modules, str):
+        # PEFT lists the linears inside modules_to_save among its targets but never adapts them (the head trains
+        # whole): neither do we.
+        kept = [t for t in lora_config.target_modules if not is_inside(t, heads)]
+        lora_config = replace(lora_config, target_modules=kept or lora_config.target_modules)
     if not any(True for _ in iter_lora_layers(root)):
+        inside_heads = [name for name, _ in base_linears(root) if is_inside(name, heads)]
+        skip = (*(quant or QuantConfig()).skip_modules, *heads, *inside_heads)
         if quant is not None and quant.quantized and not any(is_quantized_linear(m) for _, m in base_linears(root)):
-            quantize_model(root, quant)
+            quantize_model(root, quant, trained_whole=[*heads, *inside_heads])
         # PEFT's "all-linear" never adapts the output head; neither do we unless the caller's QuantConfig says so.
-        inject_lora(root, lora_config, skip_modules=(quant or QuantConfig()).skip_modules)
+        inject_lora(root, lora_config, skip_modules=skip)
+    if heads:
+        train_whole(root, heads)
     _check_fingerprint(facts, root, path, strict)
     _warn_calibration_mismatch(facts, root, path)
     layers = dict(iter_lora_layers(root))
     expected = {f"{PEFT_PREFIX}{n}.{key}" for n, layer in layers.items() for key in adapter_tensors(layer)}
+    saved_heads = _head_tensors(root)
+    expected |= set(saved_heads)
     unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
     if strict and (unknown or missing):
         raise AdapterFormatError(
@@ -218,6 +209,13 @@ def load_adapter(
                     )
                 target.copy_(state[key].to(device=target.device, dtype=target.dtype))
             loaded.append(name)
+        for key, target in saved_heads.items():
+            if key in state:
+                if target.shape != state[key].shape:
+                    raise AdapterFormatError(
+                        f"{weights}: {key} has shape {tuple(state[key].shape)}, the model's is {tuple(target.shape)}."
+                    )
+                target.copy_(state[key].to(device=target.device, dtype=target.dtype))
     return loaded
 
 
@@ -227,10 +225,22 @@ def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     Sharded (FSDP) adapters are all-gathered: under FSDP every rank must call this, in the same order.
     """
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in iter_lora_layers(adapter_root(module)):
+    root = adapter_root(module)
+    for name, layer in iter_lora_layers(root):
         for key, tensor in adapter_tensors(layer).items():
             tensors[f"{PEFT_PREFIX}{name}.{key}"] = full_tensor(tensor.detach()).cpu().contiguous()
+    for key, tensor in _head_tensors(root).items():  # modules trained whole, under PEFT's modules_to_save keys
+        tensors[key] = full_tensor(tensor.detach()).cpu().contiguous()
     return tensors
+
+
+def _head_tensors(root: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of the modules trained whole, keyed as PEFT saves ``modules_to_save``: ``<prefix><name>.<param>``."""
+    return {
+        f"{PEFT_PREFIX}{head}.{name}": tensor
+        for head in modules_to_save_of(root)
+        for name, tensor in root.get_submodule(head).state_dict(keep_vars=True).items()
+    }
 
 
 def adapter_tensors(layer: LoRALinear) -> dict[str, torch.Tensor]:
@@ -239,29 +249,6 @@ def adapter_tensors(layer: LoRALinear) -> dict[str, torch.Tensor]:
     if layer.use_dora:
         tensors["lora_magnitude_vector"] = layer.lora_magnitude_vector
     return tensors
-
-
-def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The adapter's ``adapter_config.json`` as a dict.
-
-    Raises:
-        AdapterFormatError: a missing file, invalid JSON, bytes that are not UTF-8, or not a JSON object.
-    """
-    config_file = Path(directory) / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise AdapterFormatError(f"{config_file} is missing: {directory} is not a complete PEFT adapter directory.")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise AdapterFormatError(f"{config_file} is not valid JSON ({err.msg}, line {err.lineno}).") from None
-    except UnicodeDecodeError as err:
-        raise AdapterFormatError(
-            f"{config_file} is not UTF-8 text (byte {err.start}: {err.reason}): it is damaged or not a PEFT adapter "
-            "config. Restore it, or write it again with save_adapter."
-        ) from None
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{config_file} must hold a JSON object, got {type(config).__name__}.")
-    return config
 
 
 def read_adapter_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -285,89 +272,6 @@ def read_adapter_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     return facts
 
 
-def peft_config_dict(
-    root: nn.Module, layers: list[tuple[str, LoRALinear]], base_model_name_or_path: str | None
-) -> dict[str, Any]:
-    """The ``adapter_config.json`` fields PEFT's ``LoraConfig`` reads."""
-    first = layers[0][1]
-    targets = sorted({name.rpartition(".")[2] for name, _ in layers})
-    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if hasattr(root, "generate") else None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": first.r,
-        "lora_alpha": first.lora_alpha,
-        "lora_dropout": dropout,
-        "target_modules": targets,
-        "bias": "none",
-        "use_rslora": first.use_rslora,
-        "use_dora": first.use_dora,
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "revision": None,
-    }
-
-
-def lora_config_from_peft(config: dict[str, Any], source: Path | str = ADAPTER_CONFIG) -> LoRAConfig:
-    """A :class:`LoRAConfig` from PEFT's ``adapter_config.json`` fields."""
-    unknown = sorted(set(config) - KNOWN_PEFT_FIELDS)
-    if unknown:
-        raise AdapterFormatError(
-            f"{source}: unknown field(s) {unknown}. Known PEFT LoRA fields are e.g. r, lora_alpha, target_modules; "
-            "was this file edited, or written by a newer PEFT? Remove the field if it is not needed."
-        )
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"{source}: peft_type={config.get('peft_type')!r}; only LORA adapters are supported.")
-    unsupported = [
-        f"{key}={config[key]!r}" for key, default in _UNSUPPORTED_IF_SET.items()
-        if key in config and config[key] not in (default, None, {}, [], False) and config[key] != default
-    ]
-    if unsupported:
-        raise AdapterFormatError(f"{source}: {', '.join(unsupported)} is not supported by lightning_qlora yet.")
-    if "r" not in config:
-        raise AdapterFormatError(f"{source}: the required field 'r' (adapter rank) is missing.")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise AdapterFormatError(
-            f"{source}: init_lora_weights={init!r} trains an adapter for a base that PEFT rewrote at initialization "
-            "(it subtracts the adapter's starting point from the weights): on the original base its outputs are "
-            "other ones. Save it converted to a plain LoRA adapter in PEFT (save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...)) and load that."
-        )
-    target = config.get("target_modules")
-    if target is not None and not isinstance(target, (str, list)):
-        raise AdapterFormatError(
-            f"{source}: target_modules={target!r} must be a list of module names or a string, not "
-            f"{type(target).__name__}."
-        )
-    if isinstance(target, str) and target != "all-linear":
-        target_modules: Any = target
-    elif target == "all-linear" or target is None:
-        target_modules = "all-linear"
-    else:
-        target_modules = list(target)
-    try:
-        return LoRAConfig(
-            r=config["r"],
-            alpha=config.get("lora_alpha", config["r"]),
-            dropout=config.get("lora_dropout", 0.0),
-            target_modules=target_modules,
-            use_rslora=config.get("use_rslora", False),
-            use_dora=config.get("use_dora", False),
-        )
-    except ValueError as err:
-        raise AdapterFormatError(f"{source}: {err}") from None
-
-
 def quantization_settings(root: nn.Module) -> dict[str, Any]:
     """How the base linears of ``root`` are stored: ``{"quant_type": "nf4", "blocksize": 64, ...}`` or ``none``."""
     for _, layer in base_linears(root):
@@ -382,6 +286,12 @@ def quantization_settings(root: nn.Module) -> dict[str, Any]:
             }
         return {"quant_type": "none", "dtype": str(layer.weight.dtype)}
     return {"quant_type": "none"}
+
+
+def _fingerprinted_linears(root: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The base linears the fingerprint describes: all but the modules trained whole (the adapter carries those)."""
+    heads = modules_to_save_of(root)
+    return [(name, m) for name, m in base_linears(root) if not is_inside(name, heads)]
 
 
 def _warn_calibration_mismatch(facts: dict[str, Any], root: nn.Module, path: Path) -> None:
@@ -403,7 +313,7 @@ def _check_fingerprint(facts: dict[str, Any], root: nn.Module, path: Path, stric
     saved = facts.get("base_fingerprint")
     if not saved:
         return  # written by PEFT or another tool: nothing recorded to compare
-    current = base_fingerprint(root, base_linears(root))
+    current = base_fingerprint(root, _fingerprinted_linears(root))
     problems = compare_fingerprints(saved, current)
     if not problems:
         return

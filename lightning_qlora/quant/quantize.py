@@ -9,14 +9,14 @@ quantized right away. :func:`quantize_model` runs it over a whole model; the con
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from lightning_qlora._progress import progress_bar
 from lightning_qlora.config import QuantConfig
-from lightning_qlora.modules import is_adapter_parameter, iter_linears, matches_any, replace_submodule
+from lightning_qlora.modules import is_adapter_parameter, is_inside, iter_linears, matches_any, replace_submodule
 from lightning_qlora.quant.checkpoint import CheckpointError
 from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR, Sample, digest_samples, sample_values
 from lightning_qlora.quant.streaming import StreamedWeights
@@ -95,12 +95,14 @@ class LinearQuantizer:
         """Whether ``skip_modules`` leaves the linear ``name`` as it is."""
         return matches_any(name, self.config.skip_modules)
 
-    def keep(self, name: str, linear: nn.Linear) -> None:
-        """Record a skipped linear (its weights still count in the fingerprint)."""
+    def keep(self, name: str, linear: nn.Linear, fingerprint: bool = True) -> None:
+        """Record a skipped linear (its weights count in the fingerprint unless ``fingerprint=False``: a task head
+        trained whole, whose weights the adapter carries).
+        """
         self.report.skipped.append(name)
         if self.streamed is not None and linear.weight.is_meta:
             self.streamed.materialize(name, linear, self._target(linear), self.config.torch_compute_dtype)
-        if not linear.weight.is_meta:
+        if fingerprint and not linear.weight.is_meta:
             self._samples[name] = _sample(name, linear.weight)
 
     def convert(self, name: str, linear: nn.Linear, rounded: torch.Tensor | None = None) -> nn.Module:
@@ -177,6 +179,7 @@ def quantize_model(
     device: torch.device | str | None = None,
     progress: bool | None = None,
     rounded: Mapping[str, torch.Tensor] | None = None,
+    trained_whole: Sequence[str] = (),
 ) -> QuantizationReport:
     """Quantize every ``nn.Linear`` of ``model`` in place, one layer at a time, and freeze the whole model.
 
@@ -190,6 +193,8 @@ def quantize_model(
             (e.g. GPTQ-rounded weights from :func:`lightning_qlora.calibration.calibrated_weights`, which
             bitsandbytes packs into exactly the codes chosen there). The fingerprint still hashes the layer's own
             weights: the base is the same pretrained model.
+        trained_whole: qualified names of modules trained whole (``LoRAConfig.modules_to_save``): their linears stay
+            as they are and out of the fingerprint (the adapter carries their weights).
 
     Returns:
         A :class:`QuantizationReport` with the names and byte counts (``bytes_before`` is in the original dtype).
@@ -209,10 +214,12 @@ def quantize_model(
     if any(is_quantized_linear(module) for _, module in linears):
         freeze(model)
         return QuantizationReport()  # already converted: conversion is idempotent across fit/validate calls.
+    if trained_whole:
+        config = replace(config, skip_modules=(*config.skip_modules, *trained_whole))
     quantizer = LinearQuantizer(config, linears, device, rounded)
     for name, module in linears:
         if quantizer.skips(name):
-            quantizer.keep(name, module)
+            quantizer.keep(name, module, fingerprint=not is_inside(name, trained_whole))
     todo = [(name, m) for name, m in linears if not quantizer.skips(name)]
     for name, module in progress_bar(todo, progress, desc=f"Quantizing to {config.quant_type}"):
         replace_submodule(model, name, quantizer.convert(name, module))

@@ -48,13 +48,44 @@ class ExportReport:
     size_mib: float
     max_abs_logit_diff: float | None = None
     rel_logit_error: float | None = None
+    rel_logit_error_fp32_compute: float | None = None
+    weight_rounding_rel_error: float | None = None
+
+    def drift_explained(self) -> str:
+        """The drift in words, with its scale: what storing the weights in the export's dtype alone costs."""
+        if self.rel_logit_error is None or self.rel_logit_error_fp32_compute is None:
+            return "drift not checked"
+        floor = self.weight_rounding_rel_error or 0.0
+        text = (
+            f"Export vs base + adapter, relative logit error: {self.rel_logit_error:.2g} run in {self.dtype} "
+            f"(largest difference {self.max_abs_logit_diff:.3g}), {self.rel_logit_error_fp32_compute:.2g} with its "
+            f"weights run in fp32. Rounding the merged weights to {self.dtype} moves them by {floor:.2g} (relative)"
+        )
+        if self.rel_logit_error_fp32_compute <= max(_EXPECTED_LOGIT_TO_WEIGHT_DRIFT * floor, 1e-5):
+            return text + "; the fp32 figure is within what that rounding explains: the merge is faithful."
+        return (
+            text + f"; the fp32 figure is over {_EXPECTED_LOGIT_TO_WEIGHT_DRIFT}x that, more than rounding explains. "
+            "Check that --base is the model the adapter was trained on (and --quant how it was stored)."
+        )
+
+
+# Rounding every weight by a relative e moves the logits by a few e (the layers' errors add up): measured on
+# SmolLM2-135M, see benchmarks/NOTES.md.
+_EXPECTED_LOGIT_TO_WEIGHT_DRIFT = 10
 
 
 def merged_state_dict(
-    module: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool = False
+    module: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool = False,
+    rounding: list[float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The base model's state dict with every adapter folded in, keyed as the original (un-adapted) model."""
+    """The base model's state dict with every adapter folded in, keyed as the original (un-adapted) model.
+
+    ``rounding``, when given, receives two sums over the merged linear weights: ``||rounded - exact||^2`` and
+    ``||exact||^2`` (what storing them in ``dtype`` costs).
+    """
     root = adapter_root(module)
+    if rounding is not None:
+        rounding[:] = [0.0, 0.0]
     linears = base_linears(root)
     state: dict[str, torch.Tensor] = {}
     for name, layer in progress_bar(linears, progress, "Merging adapters into the base"):
@@ -63,6 +94,9 @@ def merged_state_dict(
         if isinstance(wrapper, LoRALinear) and not wrapper.merged:
             weight = wrapper.merged_weight(weight)
         state[f"{name}.weight"] = weight.to(dtype).cpu()
+        if rounding is not None:
+            rounding[0] += float((weight.to(dtype).float() - weight).square().sum())
+            rounding[1] += float(weight.float().square().sum())
         if layer.bias is not None:
             state[f"{name}.bias"] = layer.bias.detach().to(dtype).cpu()
     linear_names = {name for name, _ in linears}
@@ -102,7 +136,8 @@ def export_merged(
             f"export_merged needs a transformers PreTrainedModel, got {type(root).__name__}. For other models use "
             "lightning_qlora.tools.export.merged_state_dict(model) and save it yourself."
         )
-    state = merged_state_dict(root, dtype, progress=progress)
+    rounding: list[float] = []
+    state = merged_state_dict(root, dtype, progress=progress, rounding=rounding)
     merged_layers = sum(1 for _, layer in iter_lora_layers(root) if not layer.merged)
     fresh = type(root)(root.config).to(dtype)
     missing, unexpected = fresh.load_state_dict(state, strict=False)
@@ -123,14 +158,20 @@ def export_merged(
     del fresh
     size = sum((target / name).stat().st_size for name in written) / 2**20
     report = ExportReport(str(target), str(dtype).replace("torch.", ""), merged_layers, round(size, 2))
+    report.weight_rounding_rel_error = (rounding[0] / rounding[1]) ** 0.5 if rounding[1] > 0 else 0.0
     if check_input_ids is not None:
-        report.max_abs_logit_diff, report.rel_logit_error = merge_drift(root, target, check_input_ids)
+        report.max_abs_logit_diff, report.rel_logit_error, report.rel_logit_error_fp32_compute = merge_drift(
+            root, target, check_input_ids
+        )
     return report
 
 
 @torch.no_grad()
-def merge_drift(model: nn.Module, merged_dir: str | Path, input_ids: torch.Tensor) -> tuple[float, float]:
-    """``(max |a - b|, ||a - b|| / ||b||)`` between the logits of the unmerged model and of the merged export."""
+def merge_drift(model: nn.Module, merged_dir: str | Path, input_ids: torch.Tensor) -> tuple[float, float, float]:
+    """How far the merged export's logits are from the unmerged model's: ``(max |a - b|, ||a - b|| / ||b||)`` with
+    the export run as saved, then ``||a - b|| / ||b||`` with its weights run in fp32 (rounding of the weights only,
+    none of the activations: where a wrong merge would show).
+    """
     from transformers import AutoModelForCausalLM
 
     model = adapter_root(model)
@@ -140,9 +181,9 @@ def merge_drift(model: nn.Module, merged_dir: str | Path, input_ids: torch.Tenso
     reference = model(input_ids=input_ids.to(device)).logits.float().cpu()
     model.train(was_training)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    logits = merged(input_ids=input_ids).logits.float()
-    diff = logits - reference
-    return float(diff.abs().max()), float(diff.norm() / reference.norm())
+    diff = merged(input_ids=input_ids).logits.float() - reference
+    fp32_diff = merged.float()(input_ids=input_ids).logits.float() - reference
+    return float(diff.abs().max()), float(diff.norm() / reference.norm()), float(fp32_diff.norm() / reference.norm())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in asdict(report).items():
         table.add_row(key, f"{value:.3g}" if isinstance(value, float) and key != "size_mib" else str(value))
     console.print(table)
+    console.print(report.drift_explained(), soft_wrap=True, highlight=False)
     return 0
 
 

@@ -32,6 +32,8 @@ class InstructionDataModule(LightningDataModule):
         source: ``"jargon"`` (the Jargon File, about 2,300 term -> definition pairs) or ``"jsonl"``.
         path: the JSONL file (required for ``"jsonl"``), or an explicit jargon.txt(.gz).
         prompt_key, response_key: JSONL field names.
+        input_key: JSONL field of Alpaca's optional context, joined to the prompt after a blank line (``None``:
+            ignored).
         max_length: tokens per row; longer rows are truncated, rows whose prompt does not fit are dropped.
         batch_size: rows per batch (padded to the longest row in the batch).
         val_size: held-out rows; chosen by a stable hash of the prompt, so the split never changes between runs.
@@ -47,6 +49,7 @@ class InstructionDataModule(LightningDataModule):
         path: str | None = None,
         prompt_key: str = "instruction",
         response_key: str = "response",
+        input_key: str | None = "input",
         max_length: int = 256,
         batch_size: int = 8,
         val_size: int = 64,
@@ -70,7 +73,7 @@ class InstructionDataModule(LightningDataModule):
         self.tokenizer_path = tokenizer_path
         self.source = source
         self.path = path
-        self.prompt_key, self.response_key = prompt_key, response_key
+        self.prompt_key, self.response_key, self.input_key = prompt_key, response_key, input_key
         self.max_length = max_length
         self.batch_size = batch_size
         self.val_size = val_size
@@ -88,7 +91,7 @@ class InstructionDataModule(LightningDataModule):
     def load_examples(self) -> list[Example]:
         if self.source == "jsonl":
             assert self.path is not None
-            return load_jsonl(self.path, self.prompt_key, self.response_key)
+            return load_jsonl(self.path, self.prompt_key, self.response_key, self.input_key)
         return load_jargon(self.path)
 
     @override

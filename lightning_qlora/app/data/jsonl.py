@@ -1,4 +1,6 @@
-"""The user's own instruction data: one JSON object per line with a prompt and a response."""
+"""The user's own instruction data: one JSON object per line with a prompt and a response (Alpaca's optional
+``input``, the context an instruction refers to, joined to the prompt).
+"""
 
 from __future__ import annotations
 
@@ -15,13 +17,19 @@ class DataFormatError(QLoRAError, ValueError):
 
 
 def load_jsonl(
-    path: str | os.PathLike, prompt_key: str = "instruction", response_key: str = "response"
+    path: str | os.PathLike,
+    prompt_key: str = "instruction",
+    response_key: str = "response",
+    input_key: str | None = "input",
 ) -> list[Example]:
     """Read ``{"instruction": ..., "response": ...}`` rows (keys configurable); blank lines are skipped.
 
+    A row's non-empty ``input_key`` (Alpaca's ``input``: the text the instruction is about) is appended to its prompt
+    after a blank line, as Alpaca's own template places it; ``input_key=None`` ignores it.
+
     Raises:
-        DataFormatError: for a missing or empty file, invalid JSON, a row that is not an object, or a missing,
-            non-string or empty prompt/response, naming ``file:line`` and what was expected.
+        DataFormatError: for a missing or empty file, invalid JSON, a row that is not an object, a missing,
+            non-string or empty prompt/response, or a non-string input, naming ``file:line`` and what was expected.
     """
     file = Path(path).expanduser()
     if not file.is_file():
@@ -62,7 +70,16 @@ def load_jsonl(
                         f"{where}: {key!r} holds a lone surrogate escape ({value[err.start]!r} at character "
                         f"{err.start}), which is not text. Fix the escape (e.g. \\ud83d\\ude00 pairs up) or drop it."
                     ) from None
-            examples.append(Example(row[prompt_key].strip(), row[response_key].strip(), where))
+            prompt = row[prompt_key].strip()
+            context = row.get(input_key) if input_key else None
+            if context is not None and not isinstance(context, str):
+                raise DataFormatError(
+                    f"{where}: {input_key!r} must be a string (the text the instruction is about) or absent, got "
+                    f"{type(context).__name__}."
+                )
+            if context and context.strip():
+                prompt = f"{prompt}\n\n{context.strip()}"
+            examples.append(Example(prompt, row[response_key].strip(), where))
     if not examples:
         raise DataFormatError(f"{file}: the file has no rows. Expected one JSON object per line.")
     return examples
