@@ -199,6 +199,30 @@ def test_sweep_runs_one_job_per_value(tmp_path, smollm2_path):
     assert len(json.loads((sweep_dir / "summary.json").read_text())) == 2
 
 
+def test_cpu_threads_leave_the_cores_other_processes_use(monkeypatch):
+    import torch
+
+    from lightning_qlora.app.threads import busy_cores, choose_cpu_threads, free_cores, usable_cores
+
+    assert [free_cores(2, load) for load in (0.0, 0.6, 1.4, 2.0, 7.5)] == [2, 1, 1, 1, 1]
+    assert free_cores(16, 3.2) == 13
+    assert 0.0 <= busy_cores(usable_cores(), window_s=0.05) <= len(usable_cores())
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr("lightning_qlora.app.threads.busy_cores", lambda cores: 1.0)
+        monkeypatch.setattr("lightning_qlora.app.threads.usable_cores", lambda: {0, 1})
+        assert choose_cpu_threads("auto") == 1 and torch.get_num_threads() == 1
+        assert choose_cpu_threads(2) == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert choose_cpu_threads("auto") is None  # the user's choice stands
+        assert choose_cpu_threads(None) is None
+        with pytest.raises(ValueError, match="cpu_threads=0 must be auto, null or a positive integer"):
+            choose_cpu_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_sweep_directory_names_are_short_and_distinct():
     from lightning_qlora.app.sweep import MAX_DIRNAME, sweep_dirname, swept_keys
 
@@ -265,13 +289,14 @@ def test_wrong_types_in_the_whole_config_are_listed_before_anything_loads():
     from lightning_qlora.config import ConfigError
 
     cfg = _compose(["trainer.max_steps=abc", "data.max_length=abc", "data.batch_size=abc", "data.val_size=abc",
-                    "model.lr=abc", "seed=abc", "data.batch_size=0"])
+                    "model.lr=abc", "seed=abc", "data.batch_size=0", "cpu_threads=many"])
     with pytest.raises(ConfigError) as caught:
         validate_app_config(cfg)
     message = str(caught.value)
     for expected in ("trainer.max_steps='abc' must be an integer", "data.max_length='abc' must be an integer",
                      "data.batch_size=0 must be a positive integer", "data.val_size='abc' must be an integer",
-                     "model.lr='abc' must be a number", "seed='abc' must be an integer"):
+                     "model.lr='abc' must be a number", "seed='abc' must be an integer",
+                     "cpu_threads='many' must be auto, null or a positive integer"):
         assert expected in message, message
     validate_app_config(_compose([]))  # the defaults pass
     validate_app_config(_compose(["trainer.gradient_clip_val=null", "data.limit_train=null", "logger=none"]))

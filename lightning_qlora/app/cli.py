@@ -66,12 +66,14 @@ def _compile_setting(value: Any) -> Any:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one fine-tune described by ``cfg`` and return (and write to ``results.json``) what it measured."""
     _quiet_known_noise()
+    import torch
     from hydra.utils import instantiate
     from lightning.pytorch import seed_everything
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lightning_qlora.app.models.pretrained import resolve_pretrained
+    from lightning_qlora.app.threads import choose_cpu_threads
     from lightning_qlora.app.validate import validate_app_config
     from lightning_qlora.lightning.callbacks import AdapterCheckpoint, PeakMemoryMonitor, TrainingCurves
     from lightning_qlora.lightning.interruption import interrupted_checkpoint_path
@@ -80,6 +82,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # Validate the cheap things before loading anything: a bad LoRA/quant value fails here, in a second.
     validate_app_config(cfg)
+    if not torch.cuda.is_available() or cfg.trainer.get("accelerator") == "cpu":
+        choose_cpu_threads(cfg.get("cpu_threads", "auto"))
     quant = instantiate(cfg.quant)
     lora = instantiate(cfg.lora)
     seed_everything(cfg.seed, workers=True, verbose=False)

@@ -45,6 +45,9 @@ def validate_app_config(cfg: DictConfig) -> None:
         wrong_type = isinstance(value, bool) or not isinstance(value, types)
         if wrong_type or (key in _POSITIVE and value < 1):
             problems.append(f"{key}={value!r} must be {what}.")
+    threads = OmegaConf.select(cfg, "cpu_threads", default="auto")
+    if threads not in (None, "auto") and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        problems.append(f"cpu_threads={threads!r} must be auto, null or a positive integer.")
     if problems:
         raise ConfigError("The lightning-qlora config", problems)
 
