@@ -232,6 +232,7 @@ def iter_converted_blocks(
         _advance(bar, streamed)
         yield piece
     root = finish("", model)
+    _train_without_kv_cache(model)
     if heads:
         train_whole(model, heads, dtype)
     _advance(bar, streamed)
@@ -305,6 +306,17 @@ def logical_param_count(module: nn.Module) -> int:
             shape = getattr(state, "shape", None)
             total += int(torch.Size(shape).numel()) if shape is not None else param.numel()
     return total
+
+
+def _train_without_kv_cache(model: nn.Module) -> None:
+    # transformers builds a KV cache in every forward of a model whose config says use_cache (the default), training
+    # included. Training never reads it, and while one exists transformers ignores packed rows (position_ids that
+    # restart, no attention_mask): attention then crosses rows, silently (per-row losses off by 1-4% on tiny models,
+    # tests/test_packing.py). generate() still caches: it passes use_cache from its generation config.
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False
+        log.info("%s: config.use_cache = False for training (generate() still uses a cache)", type(model).__name__)
 
 
 def _named(names: Sequence[str], limit: int = 6) -> str:

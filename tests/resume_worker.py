@@ -61,7 +61,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # deterministic CPU reductions across processes
     seed_everything(7, verbose=False)
-    datamodule = InstructionDataModule(args.model, source="jsonl", path=args.data, max_length=48, batch_size=4, val_size=4)
+    datamodule = InstructionDataModule(args.model, source="file", path=args.data, max_length=48, max_tokens=96,
+                                       batch_size=2, val_size=4)
     module = CausalLMFineTune(args.model, lr=5e-3, warmup_steps=2)
     callbacks = [RecordLoss(out / "losses.txt"),
                  ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=args.checkpoint_every, save_last=True,

@@ -49,7 +49,8 @@ def test_compile_override_reaches_the_plugin_as_a_mode():
     from lightning_qlora.app.cli import _compile_setting
     from lightning_qlora.lightning.plugin import QLoRAPlugin
 
-    assert QLoRAPlugin(compile=_compile_setting(_compose([]).compile)).compile is False
+    assert QLoRAPlugin(compile=_compile_setting(_compose([]).compile)).compile == "auto"
+    assert QLoRAPlugin(compile=_compile_setting(_compose(["compile=false"]).compile)).compile is False
     assert QLoRAPlugin(compile=_compile_setting(_compose(["compile=true"]).compile)).compile is True
     plugin = QLoRAPlugin(compile=_compile_setting(_compose(["compile=reduce-overhead"]).compile))
     assert plugin.compile == {"mode": "reduce-overhead"}

@@ -166,16 +166,25 @@ def test_collate_pads_and_masks():
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
 
 
-def test_datamodule_jsonl_end_to_end(tmp_path, smollm2_path):
+def test_datamodule_jsonl_end_to_end_padded_and_packed(tmp_path, smollm2_path):
     rows = [json.dumps({"instruction": f"Define word {i}", "response": f"Meaning number {i}."}) for i in range(20)]
     path = _write(tmp_path, rows)
-    dm = InstructionDataModule(smollm2_path, source="jsonl", path=str(path), max_length=64, batch_size=4, val_size=4)
-    dm.setup("fit")
-    assert len(dm.train_split.rows) == 16 and len(dm.val_split.rows) == 4
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape[0] == 4 and (batch["labels"] != IGNORE_INDEX).any()
+    padded = InstructionDataModule(smollm2_path, source="jsonl", path=str(path), max_length=64, batch_size=4,
+                                   val_size=4, packing=False)
+    padded.setup("fit")
+    assert len(padded.train_rows) == 16 and len(padded.val_rows) == 4
+    batch = next(iter(padded.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and "attention_mask" in batch and (batch["labels"] != IGNORE_INDEX).any()
+    packed = InstructionDataModule(smollm2_path, source="jsonl", path=str(path), max_length=64, max_tokens=128,
+                                   batch_size=2, val_size=4)
+    packed.setup("fit")
+    assert packed.train_rows == padded.train_rows  # the same rows, only batched differently
+    batch = next(iter(packed.train_dataloader()))
+    assert batch["input_ids"].shape == (2, 128) and "attention_mask" not in batch
 
 
 def test_datamodule_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"source='jsonl' needs data.path=FILE.*max_length=4 must be >= 16"):
         InstructionDataModule("unused", source="jsonl", max_length=4)
+    with pytest.raises(ValueError, match=r"train_on='some' must be 'assistant' or 'all'; max_tokens=64 must be >= max_length=128"):
+        InstructionDataModule("unused", max_tokens=64, max_length=128, train_on="some")

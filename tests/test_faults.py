@@ -432,6 +432,10 @@ def test_checkpoints_load_weights_only_even_when_the_environment_asks_otherwise(
 def test_jsonl_encoding_problems_are_named_with_file_and_line(tmp_path, content, expected):
     from lightning_qlora.app.data import DataFormatError, load_jsonl
 
+    from lightning_qlora.app.data.sources import load_rows
+
     (tmp_path / "data.jsonl").write_bytes(content)
     with pytest.raises(DataFormatError, match=expected):
         load_jsonl(tmp_path / "data.jsonl")
+    with pytest.raises(DataFormatError, match=expected):  # the chat data path names it the same way
+        load_rows(tmp_path / "data.jsonl")

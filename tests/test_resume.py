@@ -54,7 +54,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_setup, tmp
     resumed = _run(tiny_setup, tmp_path / "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    # 64 train rows / batch 4 = 16 steps an epoch: step 10 is mid-epoch, and the run continues into epoch 2.
+    # 64 train rows packed two to a 96-token row, 2 per batch: 16 steps an epoch; step 10 is mid-epoch, and the run
+    # continues into epoch 2.
     done = json.loads((tmp_path / "killed" / "done.json").read_text())
     assert done["global_step"] == json.loads((tmp_path / "reference" / "done.json").read_text())["global_step"] == 24
     expected, got = _losses(tmp_path / "reference" / "losses.txt"), _losses(tmp_path / "killed" / "losses.txt")

@@ -24,7 +24,7 @@ from lightning_qlora.tools.report import _perplexity
 def main() -> None:
     rank = int(sys.argv[1]) if len(sys.argv) > 1 else 16
     path = resolve_pretrained("smollm2-135m-instruct")
-    data = InstructionDataModule(path, max_length=128, batch_size=8, val_size=64)
+    data = InstructionDataModule(path, max_length=128, batch_size=8, val_size=64, packing=False)
     data.setup("fit")
     loader = data.train_dataloader()
     held_out = list(data.val_dataloader())

@@ -20,7 +20,7 @@ from lightning_qlora.tools.report import _perplexity
 
 def main() -> None:
     path = resolve_pretrained("smollm2-135m-instruct")
-    data = InstructionDataModule(path, max_length=128, batch_size=8, val_size=64)
+    data = InstructionDataModule(path, max_length=128, batch_size=8, val_size=64, packing=False)
     data.setup("fit")
     loader = data.train_dataloader()
     held_out = list(data.val_dataloader())

@@ -43,7 +43,7 @@ def corrected_perplexity(path: str, batches: list, rank: int, blocksize: int, it
 
 def main() -> None:
     path = resolve_pretrained("smollm2-135m-instruct")
-    data = InstructionDataModule(path, max_length=128, batch_size=8, val_size=64)
+    data = InstructionDataModule(path, max_length=128, batch_size=8, val_size=64, packing=False)
     data.setup("validate")
     batches = list(data.val_dataloader())
     for spec in sys.argv[1:] or ["0:64:1"]:

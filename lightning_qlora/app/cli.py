@@ -117,7 +117,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     before_ppl = _validate(trainer, module, datamodule) if (cfg.eval.perplexity or samples) and not resume else None
     results["perplexity_before"] = before_ppl if cfg.eval.perplexity else None
     before = module.generate_answers(
-        datamodule.tokenizer, [s.prompt for s in samples], cfg.eval.max_new_tokens, datamodule.system_prompt
+        datamodule.tokenizer, [s.prompt_messages for s in samples], cfg.eval.max_new_tokens
     )
     started = time.perf_counter()
     try:
@@ -136,7 +136,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if curves_callback is not None and curves_callback.path and curves_callback.steps and trainer.is_global_zero:
         curves_callback.write(curves_callback.path)  # again, with the validation after training
     after = module.generate_answers(
-        datamodule.tokenizer, [s.prompt for s in samples], cfg.eval.max_new_tokens, datamodule.system_prompt
+        datamodule.tokenizer, [s.prompt_messages for s in samples], cfg.eval.max_new_tokens
     )
 
     adapter_cb = _find(callbacks, AdapterCheckpoint)
@@ -162,7 +162,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         adapter_mib=round(sum(f.stat().st_size for f in Path(adapter_dir).iterdir()) / 2**20, 3),
         training_curves=str(curves.path) if curves and curves.path and curves.path.exists() else None,
         answers=[
-            {"prompt": s.prompt, "reference": s.response, "before": b, "after": a}
+            {"prompt": _last_user_turn(s.prompt_messages), "reference": s.reference, "before": b, "after": a}
             for s, b, a in zip(samples, before, after, strict=False)
         ],
     )
@@ -173,6 +173,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _print_report(results)
     return results
+
+
+def _last_user_turn(messages: list[dict[str, Any]]) -> str:
+    return next((str(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")
 
 
 def resume_checkpoint(value: Any) -> Path | None:
@@ -293,7 +297,7 @@ def _print_report(results: dict[str, Any]) -> None:
         console.print(line, soft_wrap=True, highlight=False)
 
     answers = Table(title="Held-out terms: answers before and after fine-tuning", show_lines=True)
-    for column in ("prompt", "before", "after", "reference (Jargon File)"):
+    for column in ("prompt", "before", "after", "reference (held-out answer)"):
         answers.add_column(column, overflow="fold")
     for a in results["answers"]:
         answers.add_row(a["prompt"], a["before"], a["after"], a["reference"][:300])

@@ -15,7 +15,8 @@ _SCALARS: dict[str, tuple[str, tuple[type, ...], bool]] = {
     "trainer.log_every_n_steps": ("a positive integer", (int,), False),
     "trainer.gradient_clip_val": ("a number or null", (int, float), True),
     "trainer.accumulate_grad_batches": ("a positive integer", (int,), False),
-    "data.max_length": ("an integer (tokens per row)", (int,), False),
+    "data.max_length": ("an integer (tokens per row) or null", (int,), True),
+    "data.max_tokens": ("an integer (tokens per packed row)", (int,), False),
     "data.batch_size": ("a positive integer", (int,), False),
     "data.val_size": ("an integer (held-out rows)", (int,), False),
     "data.limit_train": ("an integer or null", (int,), True),
@@ -26,7 +27,8 @@ _SCALARS: dict[str, tuple[str, tuple[type, ...], bool]] = {
     "eval.sample_terms": ("an integer", (int,), False),
     "eval.max_new_tokens": ("a positive integer", (int,), False),
 }
-_POSITIVE = {"trainer.log_every_n_steps", "trainer.accumulate_grad_batches", "data.batch_size", "eval.max_new_tokens"}
+_POSITIVE = {"trainer.log_every_n_steps", "trainer.accumulate_grad_batches", "data.batch_size", "eval.max_new_tokens",
+             "data.max_tokens"}
 
 
 def validate_app_config(cfg: DictConfig) -> None:

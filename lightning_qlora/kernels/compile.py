@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -182,3 +183,65 @@ def _checkpoint_inside_compiled_region(block: nn.Module, recompute_dequantize: b
         return forward(*args, **kwargs)
 
     block.forward = forward_in_compiled_region
+
+
+@dataclass(frozen=True)
+class CompileChoice:
+    """What ``QLoRAPlugin(compile=...)`` resolved to for one run: ``torch.compile`` arguments (``None``: eager) and
+    why, in words for the one line the plugin logs.
+    """
+
+    kwargs: dict[str, Any] | None
+    reason: str
+
+
+def choose_compile(setting: Any, device: torch.device, static_shapes: bool | None, distributed: bool) -> CompileChoice:
+    """Resolve ``compile="auto"`` (explicit settings pass through unchanged).
+
+    ``auto`` on CUDA compiles every block, with CUDA graphs (``mode="reduce-overhead"``) when every batch has one
+    shape (``static_shapes``: packed rows), since a new shape means a new graph recorded; without them otherwise. The
+    CPU, and DDP/FSDP (not measured compiled yet), keep the eager path.
+    """
+    if setting is False or setting is None:
+        return CompileChoice(None, "compile=False")
+    if setting != "auto":
+        kwargs = {} if setting is True else dict(setting)
+        return CompileChoice(kwargs, f"compile={setting!r} as asked")
+    if device.type != "cuda":
+        return CompileChoice(None, f"eager on {device.type} (compile='auto' compiles on CUDA only)")
+    if distributed:
+        return CompileChoice(None, "eager under DDP/FSDP (compile='auto' is measured on one device; compile=True to "
+                                   "try it)")
+    if static_shapes:
+        return CompileChoice({"mode": "reduce-overhead"}, "compiled blocks with CUDA graphs: every batch has one "
+                                                          "shape (packed rows)")
+    return CompileChoice({}, "compiled blocks without CUDA graphs: batch shapes may vary (padded rows re-record a "
+                             "graph per shape; packed data or static_batch_shapes=True enables them)")
+
+
+@dataclass(frozen=True)
+class CompileStats:
+    """dynamo's and inductor's process-wide counters: graphs compiled (recompiles included), graph breaks (code
+    run eagerly between graphs), CUDA-graph skips (graphs run without CUDA graphs).
+    """
+
+    graphs: int
+    graph_breaks: int
+    cudagraph_skips: int
+    break_reasons: tuple[str, ...] = ()
+
+    @classmethod
+    def now(cls) -> CompileStats:
+        from torch._dynamo.utils import counters
+
+        breaks = counters["graph_break"]
+        return cls(
+            int(counters["stats"]["unique_graphs"]),
+            int(sum(breaks.values())),
+            int(counters["inductor"]["cudagraph_skips"]),
+            tuple(reason for reason, _ in breaks.most_common(3)),
+        )
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"compile/graphs": float(self.graphs), "compile/graph_breaks": float(self.graph_breaks),
+                "compile/cudagraph_skips": float(self.cudagraph_skips)}

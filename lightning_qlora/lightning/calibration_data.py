@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -12,8 +13,9 @@ from lightning_qlora.calibration import CalibrationError
 
 
 def calibration_batches(trainer: Trainer, samples: int, device: torch.device) -> list[Any]:
-    """The first ``samples`` rows of the datamodule's training set, in index order (so a resumed run calibrates on
-    the same data whatever the shuffling), collated as its training loader does and moved to ``device``.
+    """The first ``samples`` rows of the datamodule's training set (a packed item counts as the rows it holds), in
+    index order (so a resumed run calibrates on the same data whatever the shuffling), collated as its training loader
+    does and moved to ``device``.
 
     Raises:
         CalibrationError: without a datamodule, or when its training loader cannot be built.
@@ -26,7 +28,9 @@ def calibration_batches(trainer: Trainer, samples: int, device: torch.device) ->
     try:
         loader = datamodule.train_dataloader()
         dataset = loader.dataset
-        count = min(samples, len(dataset))
+        # A packed item holds several rows (``rows_per_item``): ``samples`` counts rows, so read that many fewer.
+        per_item = float(getattr(dataset, "rows_per_item", 1.0)) or 1.0
+        count = min(max(1, math.ceil(samples / per_item)), len(dataset))
     except Exception as err:  # a datamodule without a ready training set (e.g. set up for "validate" only)
         raise CalibrationError(
             f"calibration reads its sequences from {type(datamodule).__name__}.train_dataloader(), which failed: "

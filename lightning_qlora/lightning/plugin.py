@@ -28,7 +28,7 @@ from lightning_qlora.calibration import (
 from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.convert import ConversionSummary, ConvertedBlock, iter_converted_blocks
 from lightning_qlora.errors import QLoRAError
-from lightning_qlora.kernels.compile import compile_blocks
+from lightning_qlora.kernels.compile import CompileChoice, choose_compile, compile_blocks
 from lightning_qlora.lightning.rng import capture_rng_state, restore_rng_state
 from lightning_qlora.lora.inject import mark_only_lora_as_trainable
 from lightning_qlora.modules import adapter_root
@@ -74,7 +74,11 @@ class QLoRAPlugin(Precision):
             as ``"reduce-overhead"``, or a dict of ``torch.compile`` arguments). Faster steps on CUDA; with
             ``"reduce-overhead"`` each block's forward and backward also run as CUDA graphs. Activation
             checkpointing (transformers' ``gradient_checkpointing_enable``) then happens inside the compiled blocks
-            (:mod:`lightning_qlora.kernels.compile`). The first steps pay the compile time. Off by default.
+            (:mod:`lightning_qlora.kernels.compile`). The first steps pay the compile time. ``"auto"`` (the default)
+            compiles on CUDA under ``strategy="qlora"``, with CUDA graphs when the datamodule says every batch has
+            one shape (``static_batch_shapes = True``, as packed data does), and stays eager on the CPU and under
+            DDP/FSDP; one log line says what it chose and why. ``False`` is eager everywhere. While compiled, graph
+            breaks, recompiles after warm-up and CUDA-graph skips are warned about and logged (``compile/*``).
         resume_mismatch: resuming a checkpoint saved with another base (its weights' fingerprint) or with settings
             that change what the model computes (quant type, double quant, blocksize, compute dtype, calibration,
             rank, alpha, rsLoRA, DoRA) is refused (``"error"``), or only warned about (``"warn"``, on purpose).
@@ -100,7 +104,7 @@ class QLoRAPlugin(Precision):
         self,
         quant: QuantConfig | None = None,
         lora: LoRAConfig | _Default | None = DEFAULT,
-        compile: bool | str | dict[str, Any] = False,
+        compile: bool | str | dict[str, Any] = "auto",
         resume_mismatch: Literal["error", "warn"] = "error",
     ) -> None:
         if isinstance(lora, _Default):
@@ -111,9 +115,9 @@ class QLoRAPlugin(Precision):
             raise TypeError(f"QLoRAPlugin(lora={lora!r}) must be a LoRAConfig or None, e.g. LoRAConfig(r=16).")
         if isinstance(compile, str) and compile in COMPILE_MODES:
             compile = {"mode": compile}
-        if not isinstance(compile, (bool, dict)):
+        if not isinstance(compile, (bool, dict)) and compile != "auto":
             raise TypeError(
-                f"QLoRAPlugin(compile={compile!r}) must be True, False, a torch.compile mode "
+                f"QLoRAPlugin(compile={compile!r}) must be 'auto', True, False, a torch.compile mode "
                 f"({', '.join(COMPILE_MODES)}) or a dict of torch.compile arguments."
             )
         self.quant = quant or QuantConfig()
@@ -146,6 +150,14 @@ class QLoRAPlugin(Precision):
         # A base kept in the compute dtype has no rounding error to correct: cloq is then the default init (B = 0).
         cloq = self.lora is not None and self.lora.init_lora_weights == "cloq" and self.quant.quantized
         return cloq and not self.adapters_from_checkpoint
+
+    def resolve_compile(
+        self, device: torch.device, static_shapes: bool | None = None, distributed: bool = False
+    ) -> CompileChoice:
+        """What :attr:`compile` means for a run on ``device`` (see the ``compile`` argument): the strategy asks
+        before converting and passes the answer to :meth:`iter_converted_blocks`.
+        """
+        return choose_compile(self.compile, device, static_shapes, distributed)
 
     def describe_calibration(self) -> str:
         """What calibration chooses, as the settings that ask for it (for messages)."""
@@ -199,6 +211,7 @@ class QLoRAPlugin(Precision):
         calibration: CalibrationResult | None = None,
         block_classes: list[str] | None = None,
         calibrate_on: CalibrationData | None = None,
+        compile: CompileChoice | None = None,
     ) -> Iterator[ConvertedBlock]:
         """The recipe (:func:`~lightning_qlora.convert.iter_converted_blocks`) with this plugin's settings, on
         ``module``'s model: each transformer block as it is finished, then the root. Before the root is yielded the
@@ -228,10 +241,17 @@ class QLoRAPlugin(Precision):
         ):
             if piece.is_root:
                 assert piece.summary is not None
-                self._finish(module, root, piece.summary, wanted_init and already_quantized)
+                if compile is None:  # Lightning's own strategies: decided here, from where the model is
+                    compile = self.resolve_compile(
+                        _device_of(root), None, torch.distributed.is_available() and torch.distributed.is_initialized()
+                    )
+                self._finish(module, root, piece.summary, wanted_init and already_quantized, compile)
             yield piece
 
-    def _finish(self, module: nn.Module, root: nn.Module, summary: ConversionSummary, init_impossible: bool) -> None:
+    def _finish(
+        self, module: nn.Module, root: nn.Module, summary: ConversionSummary, init_impossible: bool,
+        compile: CompileChoice,
+    ) -> None:
         if summary.calibration is not None:
             rank_zero_info(f"Calibrated {self.describe_calibration()} block by block {summary.calibration.as_text()}.")
         if self.lora is not None:
@@ -247,8 +267,10 @@ class QLoRAPlugin(Precision):
                     f"4-bit: its {len(summary.adapted)} new adapters start at zero (the default init). Give the plugin "
                     "the full-precision model to get the error-correcting init."
                 )
-        if self.compile:
-            compile_blocks(root, **(self.compile if isinstance(self.compile, dict) else {}))
+        if compile.kwargs is not None and not _is_compiled(root):
+            compile_blocks(root, **compile.kwargs)
+        if summary.changed_anything:
+            rank_zero_info(f"QLoRA fast path: {compile.reason}; LoRA {_lora_path(root)}.")
         if not summary.changed_anything and self.summary is not None:
             return  # e.g. validate() after fit(): keep the first summary (a bf16 base is re-cast in place, a no-op)
         self.summary = summary
@@ -338,3 +360,22 @@ def _default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def _lora_path(model: nn.Module) -> str:
+    from lightning_qlora.lora.inject import iter_lora_layers
+
+    layer = next((layer for _, layer in iter_lora_layers(model)), None)
+    if layer is None:
+        return "none"
+    on_cuda = layer.lora_A.weight.is_cuda
+    fused = layer.fused if layer.fused is not None else on_cuda
+    return "fused (one autograd node per layer)" if fused else "plain path (the CPU reference)"

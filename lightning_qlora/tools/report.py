@@ -159,6 +159,27 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def held_out_batches(model_path: str, rows: int, max_length: int = 128, batch_size: int = 8) -> list[Any]:
+    """The report's fixed evaluation data: the Jargon File's ``rows`` held-out pairs (the rows with the smallest hash
+    of their prompt), each ``system + prompt`` through the chat template then ``response + EOS``, padded in batches.
+    Kept apart from the training data module so that the report's numbers stay comparable across versions.
+    """
+    from functools import partial
+
+    from transformers import AutoTokenizer
+
+    from lightning_qlora.app.data.examples import split_held_out
+    from lightning_qlora.app.data.jargon import load_jargon
+    from lightning_qlora.app.data.tokenize import collate, tokenize_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    _, held_out = split_held_out(load_jargon(), rows)
+    split = tokenize_examples(tokenizer, held_out, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    make = partial(collate, pad_token_id=pad)
+    return [make(split.rows[i : i + batch_size]) for i in range(0, len(split.rows), batch_size)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-qlora-report", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -187,11 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
     ppl = None
     if causal and args.eval_rows > 0:
-        from lightning_qlora.app.data import InstructionDataModule
-
-        data = InstructionDataModule(path, max_length=128, batch_size=8, val_size=args.eval_rows)
-        data.setup("validate")
-        batches = list(data.val_dataloader())
+        batches = held_out_batches(path, args.eval_rows)
         with console.status(f"Held-out perplexity in bf16 and {len(FORMATS)} formats ({args.eval_rows} rows each)"):
             ppl = perplexities(path, batches, args.blocksize)
     results = {

@@ -33,6 +33,16 @@ def prompt_text(tokenizer: Any, prompt: str, system_prompt: str | None = DEFAULT
     return _PLAIN_PROMPT.format(prompt=prompt)
 
 
+def conversation_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The text before the next assistant turn of ``messages``: the chat template with the generation prompt (a
+    plain Alpaca-style rendering for tokenizers without a template).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    turns = [m["content"] for m in messages if m["role"] == "user"]
+    return _PLAIN_PROMPT.format(prompt=turns[-1] if turns else "")
+
+
 def tokenize_examples(
     tokenizer: Any, examples: list[Example], max_length: int, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
 ) -> TokenizedSplit:

@@ -20,8 +20,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_qlora.calibration import CalibrationData, CalibrationError
+from lightning_qlora.kernels.compile import CompileChoice
 from lightning_qlora.lightning.calibration_data import calibration_batches
 from lightning_qlora.lightning.checkpoint_io import require_lightning_checkpoint
+from lightning_qlora.lightning.compile_watch import CompileWatch
 from lightning_qlora.lightning.interruption import GracefulInterrupt, is_graceful_stop, save_interrupted_run
 from lightning_qlora.lightning.oom import explain_out_of_memory
 from lightning_qlora.lightning.plugin import QLoRAPlugin
@@ -73,8 +75,26 @@ class QLoRAStrategyMixin(Strategy):
         """
         data = self.calibration_data(trainer, plugin)
         assert self.model is not None
-        for _ in plugin.iter_converted_blocks(self.model, self.root_device, calibrate_on=data):
+        compile = self.compile_choice(trainer, plugin)
+        for _ in plugin.iter_converted_blocks(self.model, self.root_device, calibrate_on=data, compile=compile):
             pass  # each block stays on this device
+
+    def compile_choice(self, trainer: Trainer, plugin: QLoRAPlugin) -> CompileChoice:
+        """The plugin's ``compile`` for this run; while blocks are compiled, a :class:`CompileWatch` reads the
+        compile counters before each training step.
+        """
+        static = getattr(getattr(trainer, "datamodule", None), "static_batch_shapes", None)
+        choice = plugin.resolve_compile(self.root_device, static, distributed=getattr(self, "world_size", 1) > 1)
+        if choice.kwargs is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._compile_watch = CompileWatch(cuda_graphs=choice.kwargs.get("mode") == "reduce-overhead")
+        return choice
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        watch = getattr(self, "_compile_watch", None)
+        if watch is not None and self.lightning_module is not None:
+            watch.check(self.lightning_module.trainer)
 
     def calibration_data(self, trainer: Trainer, plugin: QLoRAPlugin) -> CalibrationData | None:
         """The datamodule's first rows on this device, when the plugin's settings need calibration: the recipe
