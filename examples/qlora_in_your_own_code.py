@@ -15,7 +15,7 @@ import tempfile
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_qlora import AdapterCheckpoint, LoRAConfig, PeakMemoryMonitor, QLoRAPlugin, QuantConfig
-from lightning_qlora.app.data import InstructionDataModule
+from lightning_qlora.app.data import ChatDataModule
 from lightning_qlora.app.models import CausalLMFineTune, resolve_pretrained
 
 
@@ -28,7 +28,8 @@ def main() -> None:
     seed_everything(0)
 
     path = resolve_pretrained("smollm2-135m-instruct")  # converted once into ~/.cache/lightning_qlora
-    data = InstructionDataModule(path, max_length=96, batch_size=4, val_size=16)
+    # The Jargon File as chat turns, the loss on the answers, rows packed two 256-token budgets per step.
+    data = ChatDataModule(path, max_length=96, max_tokens=256, batch_size=2, val_size=16)
     module = CausalLMFineTune(path, lr=1e-3)
     trainer = Trainer(
         strategy="qlora",  # quantize on the device, adapter-only checkpoints

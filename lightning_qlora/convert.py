@@ -26,8 +26,15 @@ from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.lora.heads import find_modules_to_save, modules_to_save_of, train_whole
 from lightning_qlora.lora.inject import target_names, wrap_linears
 from lightning_qlora.lora.layer import LoRALinear
-from lightning_qlora.modules import find_blocks, is_adapter_parameter, is_inside, replace_submodule
+from lightning_qlora.modules import (
+    find_blocks,
+    is_adapter_parameter,
+    is_inside,
+    linears_from_conv1d,
+    replace_submodule,
+)
 from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR
+from lightning_qlora.quant.full_precision import FullPrecisionReport, full_precision_report
 from lightning_qlora.quant.quantize import CALIBRATION_ATTR, LinearQuantizer, QuantizationReport, require_linears
 from lightning_qlora.quant.streaming import StreamedWeights, checkpoint_of
 from lightning_qlora.quant.weight import is_packed, is_quantized_linear, quant_state_of
@@ -48,6 +55,8 @@ class ConversionSummary:
         quant: the settings it was converted with.
         calibration: what calibrating during the conversion measured (``calibrate_on``), if it ran.
         trained_whole: the modules trained whole in full precision and saved with the adapter (``modules_to_save``).
+        full_precision: every weight left in full precision, by kind (MoE experts and other matrices not quantized
+            are flagged).
     """
 
     quantization: QuantizationReport
@@ -58,6 +67,7 @@ class ConversionSummary:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationReport | None = None
     trained_whole: list[str] = field(default_factory=list)
+    full_precision: FullPrecisionReport | None = None
 
     @property
     def trainable_percent(self) -> float:
@@ -78,6 +88,7 @@ class ConversionSummary:
             f"linear weights {_mib(q.bytes_before)} -> {_mib(q.bytes_after)} "
             f"({q.bits_per_parameter:.3f} bits/param); LoRA on {len(self.adapted)} layer(s); "
             f"trainable params {self.trainable_params:,} / {self.total_params:,} ({self.trainable_percent:.3f}%)"
+            + (f"; {self.full_precision.as_text()}" if self.full_precision is not None else "")
         )
 
     def _kept_names(self) -> list[str]:
@@ -97,6 +108,7 @@ class ConversionSummary:
             "qlora/trainable_params": float(self.trainable_params),
             "qlora/total_params": float(self.total_params),
             "qlora/trainable_percent": self.trainable_percent,
+            "qlora/not_quantized_share": self.full_precision.not_quantized_share if self.full_precision else 0.0,
         }
 
 
@@ -156,6 +168,7 @@ def iter_converted_blocks(
         ValueError: the model has no linear layer, or ``lora.target_modules`` match none (before anything changes).
         CalibrationError: ``calibrate_on`` for a model on the meta device with no checkpoint, or without blocks.
     """
+    linears_from_conv1d(model)  # GPT-2-style Conv1D layers become linears (weight transposed) first
     linears = require_linears(model)
     dtype = quant.torch_compute_dtype
     target = torch.device(device) if device is not None else None
@@ -250,6 +263,7 @@ def iter_converted_blocks(
     root.summary = ConversionSummary(
         report, adapted_all, initialized, trainable, logical_param_count(model), quant, calibrated,
         trained_whole=modules_to_save_of(model),
+        full_precision=full_precision_report(model, modules_to_save_of(model)),
     )
     yield root
 

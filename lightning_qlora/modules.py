@@ -16,6 +16,8 @@ ADAPTER_MODULE_NAMES = frozenset({"lora_A", "lora_B"})
 ADAPTER_PARAMETER_NAMES = ADAPTER_MODULE_NAMES | {"lora_magnitude_vector"}
 # The attribute under which an adapter wrapper keeps the layer it wraps (PEFT's name).
 BASE_LAYER = "base_layer"
+# Set on a linear made from transformers' Conv1D (whose checkpoint weight is [in, out]; PEFT's name for that layout).
+FAN_IN_FAN_OUT = "fan_in_fan_out"
 
 
 def name_matches(name: str, target: str) -> bool:
@@ -61,6 +63,31 @@ def iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 def base_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The base model's linears as ``(name, module)``, named as before any adapter was injected."""
     return [(strip_base_layer(name), module) for name, module in iter_linears(model)]
+
+
+def linears_from_conv1d(model: nn.Module) -> list[str]:
+    """Replace each transformers ``Conv1D`` (GPT-2's linear layer, weight stored ``[in, out]``) by an ``nn.Linear``
+    computing the same (weight transposed, ``fan_in_fan_out = True`` on it), so that it is quantized and adapted like
+    any linear; returns their names. Meta weights stay on the meta device (a checkpoint read transposes them).
+    """
+    import torch
+
+    names = []
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D" or getattr(module, "weight", None) is None or module.weight.dim() != 2:
+            continue
+        weight = module.weight
+        fan_in, fan_out = weight.shape
+        linear = nn.Linear(fan_in, fan_out, bias=module.bias is not None, device="meta", dtype=weight.dtype)
+        value = torch.empty(fan_out, fan_in, device="meta", dtype=weight.dtype) if weight.is_meta else (
+            weight.detach().t().contiguous())
+        linear.weight = nn.Parameter(value, requires_grad=weight.requires_grad)
+        if module.bias is not None:
+            linear.bias = module.bias
+        setattr(linear, FAN_IN_FAN_OUT, True)
+        replace_submodule(model, name, linear)
+        names.append(name)
+    return names
 
 
 def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -29,7 +29,8 @@ def test_default_config_composes_to_the_documented_job():
     assert cfg.data.source == "jargon"
     assert cfg.trainer.strategy == "qlora"
     assert cfg.logger._target_ == "lightning_qlora.app.tracking.wandb_logger"
-    quant, lora = instantiate(cfg.quant), instantiate(cfg.lora)
+    assert cfg.quant.compute_dtype == "auto"
+    quant, lora = instantiate(cfg.quant, compute_dtype="bf16"), instantiate(cfg.lora)
     assert isinstance(quant, QuantConfig) and (quant.quant_type, quant.double_quant, quant.blocksize) == ("nf4", True, 64)
     assert isinstance(lora, LoRAConfig) and (lora.r, lora.target_modules) == (16, "all-linear")
 
@@ -37,7 +38,7 @@ def test_default_config_composes_to_the_documented_job():
 def test_overrides_compose():
     cfg = _compose(["lora.r=64", "quant.quant_type=fp4", "trainer.max_steps=50", "logger=csv"])
     assert instantiate(cfg.lora).r == 64
-    assert instantiate(cfg.quant).quant_type == "fp4"
+    assert instantiate(cfg.quant, compute_dtype="fp32").quant_type == "fp4"
     assert cfg.trainer.max_steps == 50
     assert cfg.logger._target_ == "lightning.pytorch.loggers.CSVLogger"
     assert _compose(["logger=none"]).logger is None

@@ -63,6 +63,17 @@ def _compile_setting(value: Any) -> Any:
     return False if value is None else value
 
 
+def _compute_dtype(value: Any, on_cpu: bool) -> Any:
+    """``quant.compute_dtype``, with ``auto`` (the default) resolved for the device the run uses and logged."""
+    if value != "auto":
+        return value
+    from lightning_qlora.hardware import preferred_compute_dtype
+
+    dtype, reason = preferred_compute_dtype("cpu" if on_cpu else "cuda")
+    log.info("Compute dtype %s (quant.compute_dtype=auto; set bf16, fp16 or fp32 to choose)", reason)
+    return dtype
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one fine-tune described by ``cfg`` and return (and write to ``results.json``) what it measured."""
     _quiet_known_noise()
@@ -82,9 +93,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # Validate the cheap things before loading anything: a bad LoRA/quant value fails here, in a second.
     validate_app_config(cfg)
-    if not torch.cuda.is_available() or cfg.trainer.get("accelerator") == "cpu":
+    on_cpu = not torch.cuda.is_available() or cfg.trainer.get("accelerator") == "cpu"
+    if on_cpu:
         choose_cpu_threads(cfg.get("cpu_threads", "auto"))
-    quant = instantiate(cfg.quant)
+    quant = instantiate(cfg.quant, compute_dtype=_compute_dtype(cfg.quant.get("compute_dtype"), on_cpu))
     lora = instantiate(cfg.lora)
     seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.run_dir)

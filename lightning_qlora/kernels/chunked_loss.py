@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_qlora.sharding import is_sharded
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -146,6 +148,11 @@ def _why_not_chunked(model: nn.Module) -> str | None:
     head = getattr(model, "lm_head", None)
     if type(head) is not nn.Linear or getattr(model, "model", None) is None:
         return "its head is quantized, adapted or not an nn.Linear"
+    if any(is_sharded(p) for p in model.parameters(recurse=False)) or is_sharded(head.weight) or hasattr(
+        model, "unshard"
+    ):
+        # FSDP2 gathers the root's weights in the root's forward: the body and head may not be called apart.
+        return "it is sharded (FSDP)"
     if head.bias is not None:
         return "its head has a bias"
     return None

@@ -29,6 +29,7 @@ from lightning_qlora.config import LoRAConfig, QuantConfig
 from lightning_qlora.convert import ConversionSummary, ConvertedBlock, iter_converted_blocks
 from lightning_qlora.errors import QLoRAError
 from lightning_qlora.kernels.compile import CompileChoice, choose_compile, compile_blocks
+from lightning_qlora.lightning.coverage import STRICT_SHARE, check_quantization_coverage
 from lightning_qlora.lightning.rng import capture_rng_state, restore_rng_state
 from lightning_qlora.lora.inject import mark_only_lora_as_trainable
 from lightning_qlora.modules import adapter_root
@@ -79,6 +80,9 @@ class QLoRAPlugin(Precision):
             one shape (``static_batch_shapes = True``, as packed data does), and stays eager on the CPU and under
             DDP/FSDP; one log line says what it chose and why. ``False`` is eager everywhere. While compiled, graph
             breaks, recompiles after warm-up and CUDA-graph skips are warned about and logged (``compile/*``).
+        strict: refuse to train when more than this share of the model's matrix weights stayed in full precision
+            because the recipe could not quantize them (MoE experts, ``Conv1D``, other matrices; the summary line
+            names them): ``True`` is 5%, a float sets the share, ``False`` (the default) only reports them.
         resume_mismatch: resuming a checkpoint saved with another base (its weights' fingerprint) or with settings
             that change what the model computes (quant type, double quant, blocksize, compute dtype, calibration,
             rank, alpha, rsLoRA, DoRA) is refused (``"error"``), or only warned about (``"warn"``, on purpose).
@@ -106,6 +110,7 @@ class QLoRAPlugin(Precision):
         lora: LoRAConfig | _Default | None = DEFAULT,
         compile: bool | str | dict[str, Any] = "auto",
         resume_mismatch: Literal["error", "warn"] = "error",
+        strict: bool | float = False,
     ) -> None:
         if isinstance(lora, _Default):
             lora = LoRAConfig()
@@ -128,6 +133,11 @@ class QLoRAPlugin(Precision):
         if resume_mismatch not in ("error", "warn"):
             raise ValueError(f"QLoRAPlugin(resume_mismatch={resume_mismatch!r}) must be 'error' or 'warn'.")
         self.resume_mismatch = resume_mismatch
+        if isinstance(strict, bool):
+            strict = STRICT_SHARE if strict else 1.0
+        if not isinstance(strict, (int, float)) or not 0.0 <= strict <= 1.0:
+            raise ValueError(f"QLoRAPlugin(strict={strict!r}) must be True, False or a share in [0, 1], e.g. 0.05.")
+        self.strict = float(strict)
         self.summary: ConversionSummary | None = None
         self.adapters_from_checkpoint = False
 
@@ -271,6 +281,7 @@ class QLoRAPlugin(Precision):
             compile_blocks(root, **compile.kwargs)
         if summary.changed_anything:
             rank_zero_info(f"QLoRA fast path: {compile.reason}; LoRA {_lora_path(root)}.")
+        check_quantization_coverage(summary, self.strict)
         if not summary.changed_anything and self.summary is not None:
             return  # e.g. validate() after fit(): keep the first summary (a bf16 base is re-cast in place, a no-op)
         self.summary = summary

@@ -19,6 +19,7 @@ from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.modules import (
     is_adapter_parameter,
     iter_linears,
+    linears_from_conv1d,
     matches_any,
     name_matches,
     replace_submodule,
@@ -46,6 +47,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, skip_modules: Sequence[str
         >>> inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))
         ['0']
     """
+    linears_from_conv1d(model)
     return wrap_linears(model, target_names(model, config, skip_modules), config)
 
 

@@ -15,6 +15,7 @@ from lightning_qlora.config import LoRAConfig
 from lightning_qlora.errors import QLoRAError
 from lightning_qlora.lora.heads import modules_to_save_of
 from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.modules import FAN_IN_FAN_OUT
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -37,8 +38,8 @@ KNOWN_PEFT_FIELDS = frozenset(
     ]
 )
 # Fields that, when set to anything but their default, describe an adapter this library cannot reproduce.
-_UNSUPPORTED_IF_SET = {
-    "bias": "none", "fan_in_fan_out": False, "layers_to_transform": None,
+_UNSUPPORTED_IF_SET: dict[str, Any] = {
+    "bias": "none", "layers_to_transform": None,
     "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layer_replication": None,
     "trainable_token_indices": None, "target_parameters": None, "use_qalora": False, "use_bdlora": False,
     "alora_invocation_tokens": None, "exclude_modules": None,
@@ -92,7 +93,8 @@ def peft_config_dict(
         "bias": "none",
         "use_rslora": first.use_rslora,
         "use_dora": first.use_dora,
-        "fan_in_fan_out": False,
+        # GPT-2-style Conv1D layers store [in, out]; PEFT must know (it warns and sets it itself otherwise).
+        "fan_in_fan_out": any(getattr(layer.base_layer, FAN_IN_FAN_OUT, False) for _, layer in layers),
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": modules_to_save_of(root) or None,

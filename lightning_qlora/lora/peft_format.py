@@ -33,7 +33,7 @@ from lightning_qlora.lora.peft_config import (
     peft_config_dict,
     read_adapter_config,
 )
-from lightning_qlora.modules import adapter_root, base_linears, is_inside
+from lightning_qlora.modules import FAN_IN_FAN_OUT, adapter_root, base_linears, is_inside, linears_from_conv1d
 from lightning_qlora.quant.fingerprint import (
     FingerprintMismatchError,
     base_fingerprint,
@@ -167,6 +167,14 @@ def load_adapter(
             )
 
     root = adapter_root(module)
+    conv1d = linears_from_conv1d(root)
+    if config.get("fan_in_fan_out") and not conv1d and not any(
+        getattr(m, FAN_IN_FAN_OUT, False) for _, m in base_linears(root)
+    ):
+        raise AdapterFormatError(
+            f"{config_file}: fan_in_fan_out=true describes GPT-2-style Conv1D layers, but {type(root).__name__} has "
+            "none: the adapter was trained on another architecture."
+        )
     heads = find_modules_to_save(root, lora_config.modules_to_save) if config.get("modules_to_save") else []
     if heads and not isinstance(lora_config.target_modules, str):
         # PEFT lists the linears inside modules_to_save among its targets but never adapts them (the head trains

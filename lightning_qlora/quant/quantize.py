@@ -16,7 +16,15 @@ from torch import nn
 
 from lightning_qlora._progress import progress_bar
 from lightning_qlora.config import QuantConfig
-from lightning_qlora.modules import is_adapter_parameter, is_inside, iter_linears, matches_any, replace_submodule
+from lightning_qlora.modules import (
+    FAN_IN_FAN_OUT,
+    is_adapter_parameter,
+    is_inside,
+    iter_linears,
+    linears_from_conv1d,
+    matches_any,
+    replace_submodule,
+)
 from lightning_qlora.quant.checkpoint import CheckpointError
 from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR, Sample, digest_samples, sample_values
 from lightning_qlora.quant.streaming import StreamedWeights
@@ -129,6 +137,8 @@ class LinearQuantizer:
             self.report.bytes_after += quantized_nbytes(new)
             self.report.bytes_before += linear.weight.numel() * config.torch_compute_dtype.itemsize
             self.report.num_params += linear.weight.numel()
+            if getattr(linear, FAN_IN_FAN_OUT, False):
+                setattr(new, FAN_IN_FAN_OUT, True)
             return new
         if streamed is not None:
             before = numel * streamed.stored_dtype(f"{name}.weight").itemsize
@@ -156,6 +166,8 @@ class LinearQuantizer:
         self.report.bytes_before += before
         self.report.num_params += numel
         self.report.bytes_after += after
+        if getattr(linear, FAN_IN_FAN_OUT, False):
+            setattr(new, FAN_IN_FAN_OUT, True)  # a Conv1D's: exported and saved in its [in, out] layout
         return new
 
     def _target(self, linear: nn.Linear) -> torch.device:
@@ -210,6 +222,7 @@ def quantize_model(
         2
     """
     config = config or QuantConfig()
+    linears_from_conv1d(model)
     linears = require_linears(model)
     if any(is_quantized_linear(module) for _, module in linears):
         freeze(model)

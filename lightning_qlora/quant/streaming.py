@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from lightning_qlora.modules import FAN_IN_FAN_OUT
 from lightning_qlora.quant.checkpoint import CheckpointError, SafetensorsCheckpoint
 from lightning_qlora.quant.prefetch import WeightPrefetcher
 
@@ -82,6 +83,9 @@ class StreamedWeights:
         key = self.key(f"{name}.weight")
         info = self.checkpoint.info(key)
         self.bytes_read += info.nbytes
+        if getattr(linear, FAN_IN_FAN_OUT, False):  # a Conv1D's weight, stored [in, out]
+            stored = self.checkpoint.load(key, out.device, shape=tuple(linear.weight.shape)[::-1])
+            return out.copy_(stored.t())
         if self._prefetcher is not None and info.shape == tuple(linear.weight.shape):
             if self._prefetcher.expects(key):
                 return self._prefetcher.copy_into(key, out)
@@ -174,7 +178,11 @@ class StreamedWeights:
                     key = self.key(full_name)
                     info = self.checkpoint.info(key)
                     target = dtype if info.dtype.is_floating_point else info.dtype
-                    value = self.checkpoint.load(key, device, target, shape=tuple(param.shape))
+                    if param_name == "weight" and getattr(module, FAN_IN_FAN_OUT, False):  # stored [in, out]
+                        stored = self.checkpoint.load(key, device, target, shape=tuple(param.shape)[::-1])
+                        value = stored.t().contiguous()
+                    else:
+                        value = self.checkpoint.load(key, device, target, shape=tuple(param.shape))
                     self.bytes_read += info.nbytes
                     self._loaded[id(param)] = (param, nn.Parameter(value, requires_grad=param.requires_grad))
                 module._parameters[param_name] = self._loaded[id(param)][1]

@@ -33,7 +33,7 @@ from lightning_qlora.lora.peft_format import (
     read_adapter_config,
     read_adapter_metadata,
 )
-from lightning_qlora.modules import adapter_root, base_linears, is_adapter_parameter
+from lightning_qlora.modules import FAN_IN_FAN_OUT, adapter_root, base_linears, is_adapter_parameter
 from lightning_qlora.quant.fingerprint import FingerprintMismatchError
 from lightning_qlora.quant.weight import dequantize_weight
 
@@ -93,6 +93,8 @@ def merged_state_dict(
         weight = dequantize_weight(layer).float()
         if isinstance(wrapper, LoRALinear) and not wrapper.merged:
             weight = wrapper.merged_weight(weight)
+        if getattr(layer, FAN_IN_FAN_OUT, False):  # back to the Conv1D's [in, out]: the model class expects it
+            weight = weight.t()
         state[f"{name}.weight"] = weight.to(dtype).cpu()
         if rounding is not None:
             rounding[0] += float((weight.to(dtype).float() - weight).square().sum())

@@ -125,7 +125,7 @@ class QLoRAStrategyMixin(Strategy):
                 "dtype."
             )
         if self.root_device.type == "cpu":
-            _warn_cpu_once()
+            _warn_cpu_once(plugin.quant.compute_dtype)
         return plugin
 
     def log_conversion(self, trainer: Trainer, plugin: QLoRAPlugin) -> None:
@@ -231,12 +231,18 @@ class QLoRAStrategyMixin(Strategy):
 _warned_cpu = False
 
 
-def _warn_cpu_once() -> None:
+def _warn_cpu_once(compute_dtype: str) -> None:
     global _warned_cpu
     if _warned_cpu:
         return
     _warned_cpu = True
+    from lightning_qlora.hardware import has_native_bf16, preferred_compute_dtype
+
+    slow_bf16 = ""
+    if compute_dtype == "bf16" and not has_native_bf16("cpu"):
+        slow_bf16 = (f" Compute in {preferred_compute_dtype('cpu')[1]}: pass QuantConfig(compute_dtype='fp32') "
+                     "(the app's quant.compute_dtype=auto does).")
     rank_zero_warn(
         "QLoRA is running on the CPU (no GPU requested or none found): bitsandbytes' CPU kernels work but are slow; "
-        "fine for small models such as SmolLM2-135M. Pass accelerator='gpu' on a machine with CUDA."
+        "fine for small models such as SmolLM2-135M. Pass accelerator='gpu' on a machine with CUDA." + slow_bf16
     )
