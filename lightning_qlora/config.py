@@ -188,6 +188,10 @@ class LoRAConfig:
             the model does not have are ignored. By default the usual heads (``classifier``, ``score``,
             ``qa_outputs``), so a sequence-classification head trains instead of being quantized and frozen.
             ``()`` trains none.
+        target_experts: adapters on mixture-of-experts weights too (the fused 3-D ``experts.gate_up_proj`` /
+            ``experts.down_proj`` of transformers 5; one adapter per expert, PEFT's ``target_parameters``), without
+            dropout or DoRA there. A model without experts is unaffected. Their 4-bit quantization does not depend on
+            it.
 
     Raises:
         ConfigError: listing every invalid value at once.
@@ -205,9 +209,12 @@ class LoRAConfig:
     use_dora: bool = False
     init_lora_weights: LoRAInit = "default"
     modules_to_save: Sequence[str] = DEFAULT_MODULES_TO_SAVE
+    target_experts: bool = True
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        if not isinstance(self.target_experts, bool):
+            problems.append(f"target_experts={self.target_experts!r} must be a bool (True or False).")
         heads = _as_str_tuple(self.modules_to_save) if self.modules_to_save is not None else ()
         if heads is None or any(not name for name in heads):
             problems.append(

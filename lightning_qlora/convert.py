@@ -23,6 +23,7 @@ from lightning_qlora._progress import progress_bar
 from lightning_qlora.calibration import CalibrationData, CalibrationReport, CalibrationResult
 from lightning_qlora.calibration.during_conversion import CalibrationDuringConversion
 from lightning_qlora.config import LoRAConfig, QuantConfig
+from lightning_qlora.lora.experts import adapt_experts, use_grouped_forward
 from lightning_qlora.lora.heads import find_modules_to_save, modules_to_save_of, train_whole
 from lightning_qlora.lora.inject import target_names, wrap_linears
 from lightning_qlora.lora.layer import LoRALinear
@@ -33,6 +34,7 @@ from lightning_qlora.modules import (
     linears_from_conv1d,
     replace_submodule,
 )
+from lightning_qlora.quant.experts import ExpertsReport, iter_experts, quantize_experts
 from lightning_qlora.quant.fingerprint import WEIGHTS_HASH_ATTR
 from lightning_qlora.quant.full_precision import FullPrecisionReport, full_precision_report
 from lightning_qlora.quant.quantize import CALIBRATION_ATTR, LinearQuantizer, QuantizationReport, require_linears
@@ -57,6 +59,8 @@ class ConversionSummary:
         trained_whole: the modules trained whole in full precision and saved with the adapter (``modules_to_save``).
         full_precision: every weight left in full precision, by kind (MoE experts and other matrices not quantized
             are flagged).
+        experts: the 3-D MoE expert weights quantized (and their bytes), if the model has any.
+        adapted_experts: the expert weights given per-expert adapters (``module.weight`` names).
     """
 
     quantization: QuantizationReport
@@ -68,6 +72,8 @@ class ConversionSummary:
     calibration: CalibrationReport | None = None
     trained_whole: list[str] = field(default_factory=list)
     full_precision: FullPrecisionReport | None = None
+    experts: ExpertsReport = field(default_factory=ExpertsReport)
+    adapted_experts: list[str] = field(default_factory=list)
 
     @property
     def trainable_percent(self) -> float:
@@ -76,7 +82,8 @@ class ConversionSummary:
     @property
     def changed_anything(self) -> bool:
         """False for a model that was converted before (e.g. ``validate()`` after ``fit()``)."""
-        return bool(self.adapted) or (bool(self.quantization.quantized) and self.quant.quantized)
+        quantized = bool(self.quantization.quantized) or bool(self.experts.quantized)
+        return bool(self.adapted) or bool(self.adapted_experts) or (quantized and self.quant.quantized)
 
     def as_text(self) -> str:
         q, quant = self.quantization, self.quant
@@ -88,8 +95,17 @@ class ConversionSummary:
             f"linear weights {_mib(q.bytes_before)} -> {_mib(q.bytes_after)} "
             f"({q.bits_per_parameter:.3f} bits/param); LoRA on {len(self.adapted)} layer(s); "
             f"trainable params {self.trainable_params:,} / {self.total_params:,} ({self.trainable_percent:.3f}%)"
+            + self._experts_text()
             + (f"; {self.full_precision.as_text()}" if self.full_precision is not None else "")
         )
+
+    def _experts_text(self) -> str:
+        e = self.experts
+        if not e.quantized and not self.adapted_experts:
+            return ""
+        kind = self.quant.quant_type if self.quant.quantized else "cast"
+        return (f"; MoE experts: {len(e.quantized)} weight(s), {e.num_params:,} params -> {kind}, "
+                f"{_mib(e.bytes_before)} -> {_mib(e.bytes_after)}, per-expert LoRA on {len(self.adapted_experts)}")
 
     def _kept_names(self) -> list[str]:
         # A head trained whole is kept too, but it trains: say so, or the line reads as a frozen full-precision head.
@@ -196,6 +212,8 @@ def iter_converted_blocks(
 
     owner = {name: block_of(name) for name, _ in linears}
     adapted_all: list[str] = []
+    adapted_experts: list[str] = []
+    experts_report = ExpertsReport()
     initialized: list[str] = []
     during = None
     if calibrate_on is not None and not converted_before:
@@ -227,6 +245,11 @@ def iter_converted_blocks(
                 quantized.append(name)
         if streamed is not None:
             streamed.materialize(piece_name, piece, target or torch.device("cpu"), dtype)
+        experts = [(n, m) for n, m in iter_experts(piece) if not is_inside(_qualified(piece_name, n), heads)]
+        if quant.quantized and not converted_before:
+            for name, module in experts:  # before the meta tensors get their init: the experts get theirs here
+                quantize_experts(module, _qualified(piece_name, name), quant, target, experts_report)
+                use_grouped_forward(module)
         _materialize_meta(piece, target)
         if target is not None:
             piece.to(target)
@@ -235,6 +258,9 @@ def iter_converted_blocks(
         names = [n for n in targets if block_of(n) == piece_name]
         adapted = wrap_linears(model, names, lora) if lora is not None else []
         adapted_all.extend(adapted)
+        if lora is not None and lora.target_experts:
+            for name, module in experts:
+                adapted_experts.extend(f"{_qualified(piece_name, name)}.{w}" for w in adapt_experts(module, lora))
         _freeze_base(piece, head_parameters)
         initialized.extend(_initialize(model, adapted, {**adapter_init, **block_factors}))
         return ConvertedBlock(piece_name, piece, quantized, adapted)
@@ -264,6 +290,7 @@ def iter_converted_blocks(
         report, adapted_all, initialized, trainable, logical_param_count(model), quant, calibrated,
         trained_whole=modules_to_save_of(model),
         full_precision=full_precision_report(model, modules_to_save_of(model)),
+        experts=experts_report, adapted_experts=adapted_experts,
     )
     yield root
 
@@ -317,6 +344,8 @@ def logical_param_count(module: nn.Module) -> int:
                 continue
             seen.add(id(param))
             state = quant_state_of(sub) if name == "weight" and is_quantized_linear(sub) else None
+            if state is None and is_packed(param):  # a packed 3-D expert weight
+                state = getattr(param, "quant_state", None)
             shape = getattr(state, "shape", None)
             total += int(torch.Size(shape).numel()) if shape is not None else param.numel()
     return total
@@ -367,6 +396,10 @@ def _initialize(
             layer.initialize_adapter(*factors[name])
             done.append(name)
     return done
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _materialize_meta(piece: nn.Module, device: torch.device | None) -> None:

@@ -29,15 +29,33 @@ def test_a_llama_leaves_only_embeddings_norms_and_the_head(tiny_llama_config):
     assert "lm_head.weight" in next(g for g in report.groups if g.kind == "kept linears").names
 
 
-def test_moe_experts_left_in_bf16_are_named_warned_about_and_refused_under_strict():
-    model = _qwen3_moe()
-    with pytest.warns(UserWarning, match=r"matrix weights are not quantized .*MoE experts \(3-D\) 49,152 params"):
-        QLoRAPlugin(lora=LoRAConfig(r=4)).convert_module(model)
+def test_a_matrix_the_recipe_cannot_quantize_is_named_warned_about_and_refused_under_strict():
+    # A model whose weight is used with F.linear, outside any nn.Linear: nothing quantizes it.
+    class Projection(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Parameter(torch.randn(64, 64))
+            self.head = torch.nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.head(torch.nn.functional.linear(x, self.proj))
+
+    with pytest.warns(UserWarning, match=r"matrix weights are not quantized .*other matrices 4,096 params"):
+        QLoRAPlugin(lora=LoRAConfig(r=4)).convert_module(Projection())
+    model = Projection()
+    QLoRAPlugin(quant=QuantConfig(skip_modules=()), lora=LoRAConfig(r=4), strict=0.95).convert_module(model)
     text = full_precision_report(model).as_text()
-    assert "MoE experts (3-D) 49.2 K params NOT QUANTIZED (4 tensors, e.g. model.layers.0.mlp.experts.gate_up_proj)" in text
-    assert "routers 512 params" in text
-    with pytest.raises(QuantizationCoverageError, match=r"66.7% of the model's matrix weights stayed in full precision"):
-        QLoRAPlugin(lora=LoRAConfig(r=4), strict=True).convert_module(_qwen3_moe())
-    QLoRAPlugin(lora=LoRAConfig(r=4), strict=0.7).convert_module(_qwen3_moe())  # a stated share it is within
+    assert "other matrices 4.1 K params NOT QUANTIZED (1 tensors, e.g. proj)" in text
+    with pytest.raises(QuantizationCoverageError, match=r"88.9% of the model's matrix weights stayed in full precision"):
+        QLoRAPlugin(quant=QuantConfig(skip_modules=()), lora=LoRAConfig(r=4), strict=True).convert_module(Projection())
     with pytest.raises(ValueError, match=r"strict=1.5\) must be True, False or a share"):
         QLoRAPlugin(strict=1.5)
+
+
+def test_moe_experts_are_quantized_so_strict_passes_and_the_summary_says_so():
+    model = _qwen3_moe()
+    plugin = QLoRAPlugin(lora=LoRAConfig(r=8), strict=True)
+    plugin.convert_module(model)
+    assert plugin.summary.full_precision.not_quantized_params == 0
+    assert "MoE experts: 4 weight(s), 49,152 params -> nf4" in plugin.summary.as_text()
+    assert "routers 512 params" in plugin.summary.full_precision.as_text()

@@ -22,8 +22,8 @@ def check_quantization_coverage(summary: ConversionSummary, strict: float) -> No
         QuantizationCoverageError: naming the weights and the setting.
     """
     report = summary.full_precision
-    if report is None or report.not_quantized_params == 0:
-        return
+    if report is None or report.not_quantized_params == 0 or not summary.quant.quantized:
+        return  # quant_type="none" keeps every weight in full precision by design
     share = report.not_quantized_share
     if share > strict:
         raise QuantizationCoverageError(

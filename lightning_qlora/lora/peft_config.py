@@ -16,6 +16,7 @@ from lightning_qlora.errors import QLoRAError
 from lightning_qlora.lora.heads import modules_to_save_of
 from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.modules import FAN_IN_FAN_OUT
+from lightning_qlora.quant.experts import EXPERT_WEIGHT_NAMES
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -41,7 +42,7 @@ KNOWN_PEFT_FIELDS = frozenset(
 _UNSUPPORTED_IF_SET: dict[str, Any] = {
     "bias": "none", "layers_to_transform": None,
     "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layer_replication": None,
-    "trainable_token_indices": None, "target_parameters": None, "use_qalora": False, "use_bdlora": False,
+    "trainable_token_indices": None, "use_qalora": False, "use_bdlora": False,
     "alora_invocation_tokens": None, "exclude_modules": None,
 }
 
@@ -80,6 +81,8 @@ def peft_config_dict(
     first = layers[0][1]
     targets = sorted({name.rpartition(".")[2] for name, _ in layers})
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    if _expert_targets(root):
+        dropout = 0.0  # PEFT refuses dropout beside target_parameters; it only matters in training
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
     return {
@@ -98,12 +101,27 @@ def peft_config_dict(
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": modules_to_save_of(root) or None,
+        # MoE expert weights, in the order PEFT must nest its wrappers (lora.experts.peft_expert_tensors' keys).
+        "target_parameters": _expert_targets(root) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": None,
     }
+
+
+def _expert_targets(root: nn.Module) -> list[str]:
+    """PEFT ``target_parameters`` entries for the adapted experts: ``experts.gate_up_proj``, ``experts.down_proj``."""
+    from lightning_qlora.lora.experts import expert_factors, is_adapted_experts
+    from lightning_qlora.quant.experts import expert_weight_names, iter_experts
+
+    found: list[str] = []
+    for name, module in iter_experts(root):
+        if is_adapted_experts(module):
+            short = name.rpartition(".")[2]
+            found += [f"{short}.{w}" for w in expert_weight_names(module) if w in expert_factors(module)[0]]
+    return list(dict.fromkeys(found))
 
 
 # PEFT's task types by the transformers head class's suffix: PeftModel.from_pretrained builds the matching wrapper
@@ -143,6 +161,13 @@ def lora_config_from_peft(config: dict[str, Any], source: Path | str = ADAPTER_C
     ]
     if unsupported:
         raise AdapterFormatError(f"{source}: {', '.join(unsupported)} is not supported by lightning_qlora yet.")
+    parameters = config.get("target_parameters") or []
+    odd = [p for p in parameters if not isinstance(p, str) or p.rpartition(".")[2] not in EXPERT_WEIGHT_NAMES]
+    if odd:
+        raise AdapterFormatError(
+            f"{source}: target_parameters={odd!r}: lightning_qlora adapts MoE expert weights "
+            f"({', '.join(EXPERT_WEIGHT_NAMES)}) this way, not other parameters."
+        )
     if "r" not in config:
         raise AdapterFormatError(f"{source}: the required field 'r' (adapter rank) is missing.")
     init = config.get("init_lora_weights", True)
@@ -174,6 +199,7 @@ def lora_config_from_peft(config: dict[str, Any], source: Path | str = ADAPTER_C
             use_rslora=config.get("use_rslora", False),
             use_dora=config.get("use_dora", False),
             modules_to_save=config.get("modules_to_save") or (),
+            target_experts=bool(parameters),
         )
     except ValueError as err:
         raise AdapterFormatError(f"{source}: {err}") from None

@@ -23,6 +23,7 @@ from torch import nn
 
 from lightning_qlora._atomic import output_directory, write_files_atomically, writer_lock
 from lightning_qlora.config import QuantConfig
+from lightning_qlora.lora.experts import adapt_experts, load_peft_expert_tensors, peft_expert_tensors
 from lightning_qlora.lora.heads import find_modules_to_save, modules_to_save_of, train_whole
 from lightning_qlora.lora.inject import inject_lora, iter_lora_layers
 from lightning_qlora.lora.layer import LoRALinear
@@ -34,6 +35,7 @@ from lightning_qlora.lora.peft_config import (
     read_adapter_config,
 )
 from lightning_qlora.modules import FAN_IN_FAN_OUT, adapter_root, base_linears, is_inside, linears_from_conv1d
+from lightning_qlora.quant.experts import iter_experts
 from lightning_qlora.quant.fingerprint import (
     FingerprintMismatchError,
     base_fingerprint,
@@ -188,6 +190,9 @@ def load_adapter(
             quantize_model(root, quant, trained_whole=[*heads, *inside_heads])
         # PEFT's "all-linear" never adapts the output head; neither do we unless the caller's QuantConfig says so.
         inject_lora(root, lora_config, skip_modules=skip)
+        if lora_config.target_experts:
+            for _, experts_module in iter_experts(root):
+                adapt_experts(experts_module, lora_config)
     if heads:
         train_whole(root, heads)
     _check_fingerprint(facts, root, path, strict)
@@ -196,6 +201,8 @@ def load_adapter(
     expected = {f"{PEFT_PREFIX}{n}.{key}" for n, layer in layers.items() for key in adapter_tensors(layer)}
     saved_heads = _head_tensors(root)
     expected |= set(saved_heads)
+    all_experts = list(iter_experts(root))
+    expected |= {f"{PEFT_PREFIX}{k}" for name, module in all_experts for k in peft_expert_tensors(name, module)}
     unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
     if strict and (unknown or missing):
         raise AdapterFormatError(
@@ -224,6 +231,13 @@ def load_adapter(
                         f"{weights}: {key} has shape {tuple(state[key].shape)}, the model's is {tuple(target.shape)}."
                     )
                 target.copy_(state[key].to(device=target.device, dtype=target.dtype))
+        unprefixed = {k[len(PEFT_PREFIX):]: v for k, v in state.items() if k.startswith(PEFT_PREFIX)}
+        for name, module in all_experts:
+            try:
+                if load_peft_expert_tensors(name, module, unprefixed):
+                    loaded.append(name)
+            except ValueError as err:
+                raise AdapterFormatError(f"{weights}: {err}") from None
     return loaded
 
 
@@ -239,6 +253,9 @@ def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
             tensors[f"{PEFT_PREFIX}{name}.{key}"] = full_tensor(tensor.detach()).cpu().contiguous()
     for key, tensor in _head_tensors(root).items():  # modules trained whole, under PEFT's modules_to_save keys
         tensors[key] = full_tensor(tensor.detach()).cpu().contiguous()
+    for name, experts_module in iter_experts(root):  # per-expert adapters, in PEFT's target_parameters layout
+        for key, tensor in peft_expert_tensors(name, experts_module).items():
+            tensors[f"{PEFT_PREFIX}{key}"] = full_tensor(tensor).cpu().contiguous()
     return tensors
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lightning_qlora.modules import is_adapter_parameter, is_inside
+from lightning_qlora.quant.experts import packed_expert_params
 from lightning_qlora.quant.weight import is_packed, is_quantized_linear
 
 # Kinds that are full precision by design, in the order the summary lists them.
@@ -71,6 +72,7 @@ def full_precision_report(model: nn.Module, trained_whole: Sequence[str] = ()) -
     for module_name, module in model.named_modules():
         if is_quantized_linear(module):
             quantized += module.in_features * module.out_features
+        quantized += packed_expert_params(module)
         for param_name, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}" if module_name else param_name
             if id(param) in seen or is_adapter_parameter(name) or is_packed(param) or is_quantized_linear(module):
@@ -89,6 +91,8 @@ def _kind(module: nn.Module, module_name: str, name: str, dims: int, trained_who
         return "trained whole"
     if isinstance(module, nn.Embedding):
         return "embeddings"
+    if name.endswith("bias"):  # gpt-oss' expert biases are 2-D
+        return "biases"
     if "Norm" in cls or dims == 1:
         return "norms" if "Norm" in cls else "biases"
     if isinstance(module, nn.Linear):
