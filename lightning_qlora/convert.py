@@ -32,6 +32,8 @@ from lightning_qlora.modules import (
     is_adapter_parameter,
     is_inside,
     linears_from_conv1d,
+    linears_read_by_weight,
+    matches_any,
     replace_submodule,
 )
 from lightning_qlora.quant.experts import ExpertsReport, iter_experts, quantize_experts
@@ -197,8 +199,20 @@ def iter_converted_blocks(
     if heads:  # every linear inside a head too (RoBERTa's classifier holds dense and out_proj)
         inside_heads = [name for name, _ in linears if is_inside(name, heads)]
         quant = replace(quant, skip_modules=(*quant.skip_modules, *heads, *inside_heads))
+    read_directly = [n for n in linears_read_by_weight(model) if not matches_any(n, quant.skip_modules)]
+    if read_directly:
+        quant = replace(quant, skip_modules=(*quant.skip_modules, *read_directly))
+        log.info("%s reads the weight of %d linear(s) directly in its forward, e.g. %s: kept in full precision "
+                 "without adapters", type(model).__name__, len(read_directly), read_directly[0])
     # Targets are chosen and checked over the whole model before anything is converted.
     targets = target_names(model, lora, quant.skip_modules) if lora is not None else []
+    # Linears the model keeps in fp32 (T5's feed-forward output, ...) stay out of 4-bit and in fp32, adapted like the
+    # others, as transformers' own 4-bit loading keeps them.
+    fp32_kept = _kept_in_fp32(model, [name for name, _ in linears], quant.skip_modules)
+    if fp32_kept:
+        quant = replace(quant, skip_modules=(*quant.skip_modules, *fp32_kept))
+        log.info("%s keeps %d linear(s) in fp32 (_keep_in_fp32_modules), e.g. %s: not quantized", type(model).__name__,
+                 len(fp32_kept), fp32_kept[0])
     rounded = calibration.rounded if calibration is not None else {}
     adapter_init = calibration.adapter_init if calibration is not None else {}
     checkpoint = checkpoint_of(model)
@@ -254,7 +268,10 @@ def iter_converted_blocks(
         if target is not None:
             piece.to(target)
         head_parameters = {id(p) for head in heads for p in model.get_submodule(head).parameters()}
-        cast_floating(piece, dtype, keep=head_parameters)
+        fp32_parameters = {id(p) for name in fp32_kept for p in model.get_submodule(name).parameters()}
+        cast_floating(piece, dtype, keep=head_parameters | fp32_parameters)
+        for name in fp32_kept:
+            model.get_submodule(name).float()
         names = [n for n in targets if block_of(n) == piece_name]
         adapted = wrap_linears(model, names, lora) if lora is not None else []
         adapted_all.extend(adapted)
@@ -396,6 +413,15 @@ def _initialize(
             layer.initialize_adapter(*factors[name])
             done.append(name)
     return done
+
+
+def _kept_in_fp32(model: nn.Module, linears: list[str], skipped: Sequence[str]) -> list[str]:
+    """The linears named by the model's ``_keep_in_fp32_modules`` (and ``_strict``): a name part equal to an entry,
+    as transformers matches them.
+    """
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return [n for n in linears if keep & set(n.split(".")) and not matches_any(n, skipped)]
 
 
 def _qualified(prefix: str, name: str) -> str:

@@ -6,6 +6,10 @@ match that target?", "is this tensor an adapter's?", "where are the transformer 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
+import re
 from collections.abc import Iterable, Iterator, Sequence
 
 from torch import nn
@@ -88,6 +92,41 @@ def linears_from_conv1d(model: nn.Module) -> list[str]:
         replace_submodule(model, name, linear)
         names.append(name)
     return names
+
+
+def linears_read_by_weight(model: nn.Module) -> list[str]:
+    """Linears whose parent's forward reads ``self.<name>.weight`` as a matrix instead of calling the layer (Mamba's
+    ``dt_proj.weight @ ...``): a 4-bit or adapted layer there would be read as packed bytes or without its adapter.
+    Found in the source of the parent class's forward methods (``cuda_kernels_forward`` too when its kernels,
+    ``mamba_ssm``, are installed).
+    """
+    names = []
+    for parent_name, parent in model.named_modules():
+        children = [n for n, c in parent.named_children() if isinstance(c, nn.Linear)]
+        if not children:
+            continue
+        source = _forward_source(type(parent))
+        for child in children:
+            if re.search(rf"(?<!isinstance\()self\.{re.escape(child)}\.weight\b(?!\.(dtype|device|shape))", source):
+                names.append(f"{parent_name}.{child}" if parent_name else child)
+    return names
+
+
+@functools.cache
+def _forward_source(cls: type) -> str:
+    methods = ["forward", "slow_forward", "torch_forward"]
+    if importlib.util.find_spec("mamba_ssm") is not None:
+        methods.append("cuda_kernels_forward")
+    sources = []
+    for name in methods:
+        method = cls.__dict__.get(name)
+        if method is None:
+            continue
+        try:
+            sources.append(inspect.getsource(method))
+        except (OSError, TypeError):  # built at run time, or a C function: nothing to read
+            continue
+    return "\n".join(sources)
 
 
 def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

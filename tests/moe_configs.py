@@ -8,8 +8,8 @@ VOCAB = 96
 def _config(arch: str):
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=128)
+    common = {"vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 128}
     if arch == "mixtral":
         return tf.MixtralConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **common)
     if arch == "qwen2_moe":  # routed experts plus a shared expert behind a sigmoid gate

@@ -33,7 +33,8 @@ def _perturb(model, seed=1):
 def test_unquantized_experts_with_zero_adapters_compute_what_transformers_computes(arch):
     reference, model = moe_model(arch), moe_model(arch)
     summary = _convert(model)
-    assert summary.adapted_experts and all(is_adapted_experts(m) for _, m in iter_experts(model))
+    assert summary.adapted_experts
+    assert all(is_adapted_experts(m) for _, m in iter_experts(model))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=IDS).logits, reference(input_ids=IDS).logits, atol=2e-5, rtol=0)
 
@@ -43,11 +44,13 @@ def test_every_expert_weight_is_nf4_and_computes_with_its_dequantized_values(arc
     model = moe_model(arch)
     summary = _convert(model, QuantConfig(compute_dtype="fp32"))
     experts = list(iter_experts(model))
-    assert experts and all(is_quantized_experts(m) for _, m in experts)
+    assert experts
+    assert all(is_quantized_experts(m) for _, m in experts)
     assert summary.full_precision.not_quantized_params == 0, summary.full_precision.as_text()
     assert len(summary.experts.quantized) == 2 * len(experts)
     assert summary.experts.num_params // 2 < summary.experts.bytes_after < summary.experts.bytes_before / 5  # 4-bit
-    assert "MoE experts: " in summary.as_text() and "NOT QUANTIZED" not in summary.as_text()
+    assert "MoE experts: " in summary.as_text()
+    assert "NOT QUANTIZED" not in summary.as_text()
     # The reference: transformers' own experts holding the values the 4-bit bytes decode to.
     reference = moe_model(arch)
     with torch.no_grad():
@@ -150,7 +153,8 @@ def test_a_peft_expert_adapter_loads_into_ours(tmp_path):
 def test_experts_can_be_left_without_adapters_and_stay_4bit():
     model = moe_model("mixtral")
     summary = _convert(model, QuantConfig(compute_dtype="fp32"), target_experts=False)
-    assert summary.adapted_experts == [] and len(summary.experts.quantized) == 4
+    assert summary.adapted_experts == []
+    assert len(summary.experts.quantized) == 4
     assert not any(is_adapted_experts(m) for _, m in iter_experts(model))
     model.train()
     model(input_ids=IDS, labels=IDS).loss.backward()  # the frozen 4-bit experts pass gradients to what trains

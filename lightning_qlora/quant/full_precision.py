@@ -18,7 +18,7 @@ from lightning_qlora.quant.experts import packed_expert_params
 from lightning_qlora.quant.weight import is_packed, is_quantized_linear
 
 # Kinds that are full precision by design, in the order the summary lists them.
-EXPECTED = ("embeddings", "norms", "kept linears", "trained whole", "routers", "biases")
+EXPECTED = ("embeddings", "norms", "kept linears", "trained whole", "routers", "biases", "convolutions", "state-space")
 # Kinds that are matrices the recipe did not quantize.
 NOT_QUANTIZED = ("MoE experts (3-D)", "Conv1D", "other matrices")
 
@@ -91,12 +91,16 @@ def _kind(module: nn.Module, module_name: str, name: str, dims: int, trained_who
         return "trained whole"
     if isinstance(module, nn.Embedding):
         return "embeddings"
+    if name.rpartition(".")[2] in ("A_log", "D", "dt_bias"):  # a state-space layer's dynamics, not a weight matrix
+        return "state-space"
     if name.endswith("bias"):  # gpt-oss' expert biases are 2-D
         return "biases"
     if "Norm" in cls or dims == 1:
         return "norms" if "Norm" in cls else "biases"
     if isinstance(module, nn.Linear):
         return "kept linears"
+    if isinstance(module, nn.modules.conv._ConvNd):  # depthwise convolutions of state-space layers: small, kept
+        return "convolutions"
     if "Router" in cls or "Gate" in cls or module_name.endswith((".gate", ".router")):
         return "routers"
     if dims >= 3:
