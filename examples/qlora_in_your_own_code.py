@@ -12,9 +12,17 @@ LightningModule and DataModule; swap in your own modules: any model built from n
 import argparse
 import tempfile
 
+import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from lightning_qlora import AdapterCheckpoint, LoRAConfig, PeakMemoryMonitor, QLoRAPlugin, QuantConfig
+from lightning_qlora import (
+    AdapterCheckpoint,
+    LoRAConfig,
+    PeakMemoryMonitor,
+    QLoRAPlugin,
+    QuantConfig,
+    preferred_compute_dtype,
+)
 from lightning_qlora.app.data import ChatDataModule
 from lightning_qlora.app.models import CausalLMFineTune, resolve_pretrained
 
@@ -31,9 +39,13 @@ def main() -> None:
     # The Jargon File as chat turns, the loss on the answers, rows packed two 256-token budgets per step.
     data = ChatDataModule(path, max_length=96, max_tokens=256, batch_size=2, val_size=16)
     module = CausalLMFineTune(path, lr=1e-3)
+    # bf16 where the hardware has it; fp32 on CPUs without bf16 instructions, where bf16 matmuls crawl.
+    compute, why = preferred_compute_dtype("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"compute dtype {why}")
+    quant = QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=compute)
     trainer = Trainer(
         strategy="qlora",  # quantize on the device, adapter-only checkpoints
-        plugins=[QLoRAPlugin(quant=QuantConfig(quant_type="nf4", double_quant=True), lora=LoRAConfig(r=8, alpha=16))],
+        plugins=[QLoRAPlugin(quant=quant, lora=LoRAConfig(r=8, alpha=16))],
         callbacks=[AdapterCheckpoint(f"{args.out}/adapter", base_model_name_or_path=path), PeakMemoryMonitor()],
         max_steps=args.max_steps,
         default_root_dir=args.out,

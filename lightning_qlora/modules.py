@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -105,7 +106,8 @@ def linears_read_by_weight(model: nn.Module) -> list[str]:
         children = [n for n, c in parent.named_children() if isinstance(c, nn.Linear)]
         if not children:
             continue
-        source = _forward_source(type(parent))
+        parent_class: Any = type(parent)
+        source = _forward_source(parent_class)
         for child in children:
             if re.search(rf"(?<!isinstance\()self\.{re.escape(child)}\.weight\b(?!\.(dtype|device|shape))", source):
                 names.append(f"{parent_name}.{child}" if parent_name else child)
@@ -113,7 +115,7 @@ def linears_read_by_weight(model: nn.Module) -> list[str]:
 
 
 @functools.cache
-def _forward_source(cls: type) -> str:
+def _forward_source(cls: Any) -> str:
     methods = ["forward", "slow_forward", "torch_forward"]
     if importlib.util.find_spec("mamba_ssm") is not None:
         methods.append("cuda_kernels_forward")

@@ -129,7 +129,7 @@ def test_the_plugin_keeps_no_state_between_calls():
     # what it reports (the summary), never values parked for a later call to find.
     plugin = QLoRAPlugin()
     assert set(vars(plugin)) == {
-        "quant", "lora", "compile", "resume_mismatch", "precision", "dtype", "summary", "adapters_from_checkpoint"
+        "quant", "lora", "compile", "resume_mismatch", "strict", "precision", "dtype", "summary", "adapters_from_checkpoint"
     }
 
 
