@@ -80,8 +80,14 @@ def run_ours(a) -> dict:
             return causal_lm_loss(self.model, batch, input_ids=batch)
 
         def configure_optimizers(self):
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4,
-                                     fused=torch.cuda.is_available())
+            params = [p for p in self.parameters() if p.requires_grad]
+            if a.optim.startswith("adamw8bit"):  # 8-bit moments: 2 bytes per adapter value instead of 8
+                from lightning_qlora import AdamW8bit, OptimizerInBackward
+
+                if a.optim.endswith("inbwd"):  # each gradient stepped and freed as backward produces it
+                    return OptimizerInBackward(params, AdamW8bit, lr=1e-4)
+                return AdamW8bit(params, lr=1e-4)
+            return torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
 
     class Times(Callback):
         def __init__(self) -> None:
@@ -187,10 +193,12 @@ def main() -> None:
     ap.add_argument("--ckpt", type=int, default=1)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--optim", choices=["adamw", "adamw8bit", "adamw8bit-inbwd"], default="adamw", help="ours: torch's fused AdamW or "
+                    "lightning_qlora.AdamW8bit (-inbwd: stepped inside backward)")
     a = ap.parse_args()
     torch.manual_seed(0)
     facts = run_ours(a) if a.side == "ours" else run_peft(a)
-    facts.update(shape=a.shape, seq=a.seq, rank=a.rank, ckpt=a.ckpt)
+    facts.update(shape=a.shape, seq=a.seq, rank=a.rank, ckpt=a.ckpt, optim=a.optim if a.side == "ours" else "adamw")
     if torch.cuda.is_available():
         facts.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2),
