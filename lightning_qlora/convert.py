@@ -130,6 +130,13 @@ def iter_converted_blocks(
         quant = replace(quant, skip_modules=(*quant.skip_modules, *fp32_kept))
         log.info("%s keeps %d linear(s) in fp32 (_keep_in_fp32_modules), e.g. %s: not quantized", type(model).__name__,
                  len(fp32_kept), fp32_kept[0])
+    # The model's own quantization settings name modules never to convert (llm_int8_skip_modules): kept in the compute
+    # dtype, adapted, as transformers + PEFT treat them.
+    not_converted = _not_converted(model, [name for name, _ in linears], quant.skip_modules)
+    if not_converted:
+        quant = replace(quant, skip_modules=(*quant.skip_modules, *not_converted))
+        log.info("%s: its quantization_config keeps %d linear(s) unquantized (llm_int8_skip_modules), e.g. %s",
+                 type(model).__name__, len(not_converted), not_converted[0])
     rounded = calibration.rounded if calibration is not None else {}
     adapter_init = calibration.adapter_init if calibration is not None else {}
     checkpoint = checkpoint_of(model)
@@ -322,6 +329,18 @@ def _initialize(
             layer.initialize_adapter(*factors[name])
             done.append(name)
     return done
+
+
+def _not_converted(model: nn.Module, linears: list[str], skipped: Sequence[str]) -> list[str]:
+    """The linears the model's ``config.quantization_config`` says not to convert (``llm_int8_skip_modules``), matched
+    as transformers matches them: the name itself, or a qualified name containing ``entry + "."`` or ending with it.
+    """
+    settings: Any = getattr(getattr(model, "config", None), "quantization_config", None)
+    entries = settings.get("llm_int8_skip_modules") if isinstance(settings, dict) else getattr(
+        settings, "llm_int8_skip_modules", None)
+    entries = [e for e in (entries or []) if isinstance(e, str) and e]
+    return [n for n in linears if not matches_any(n, skipped) and any(
+        n == e or f"{e}." in f"{n}." or n.endswith("." + e) for e in entries)]
 
 
 def _kept_in_fp32(model: nn.Module, linears: list[str], skipped: Sequence[str]) -> list[str]:

@@ -154,3 +154,30 @@ def test_the_readme_table_is_the_generated_one():
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     print(table())
+
+
+def test_t5_keeps_its_fp32_modules_in_fp32_and_adapts_them():
+    model = build("t5")
+    plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="bf16"), lora=LoRAConfig(r=8))
+    plugin.convert_module(model)
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert type(wo).__name__ == "LoRALinear"
+    assert wo.base_layer.weight.dtype == torch.float32
+    assert "encoder.block.0.layer.1.DenseReluDense.wo" in plugin.summary.quantization.skipped
+    model.train()
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert wo.lora_B.weight.grad is not None
+
+
+def test_modules_the_quantization_config_skips_stay_unquantized_but_adapted():
+    model = build("llama")
+    model.config.quantization_config = {"llm_int8_skip_modules": ["lm_head", "mlp.down_proj"]}
+    plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=8))
+    plugin.convert_module(model)
+    skipped = plugin.summary.quantization.skipped
+    assert {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"} <= set(skipped)
+    assert type(model.model.layers[0].mlp.down_proj.base_layer) is torch.nn.Linear
+    assert "model.layers.0.mlp.down_proj" in plugin.summary.adapted
+    assert "model.layers.0.mlp.up_proj" in plugin.summary.quantization.quantized
