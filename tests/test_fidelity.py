@@ -66,7 +66,7 @@ def test_report_on_minilm_fp32_weights(tmp_path):
 
 @pytest.mark.slow
 def test_report_on_smollm2_includes_perplexity(tmp_path, smollm2_path):
-    report = _report(["--eval-rows", "8"], tmp_path)
+    report = _report(["--eval-rows", "2"], tmp_path)  # each format is one bf16 pass: slow on CPUs without bf16
     ppl = report["perplexity"]
     assert set(ppl) == {"bf16", *FORMATS}
     assert all(1 < value < 1e4 for value in ppl.values())
