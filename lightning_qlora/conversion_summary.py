@@ -90,6 +90,7 @@ class ConversionSummary:
             "qlora/linear_bytes_before": float(q.bytes_before),
             "qlora/linear_bytes_after": float(q.bytes_after),
             "qlora/bits_per_param": q.bits_per_parameter,
+            "qlora/expert_weights_quantized": float(len(self.experts.quantized)),
             "qlora/trainable_params": float(self.trainable_params),
             "qlora/total_params": float(self.total_params),
             "qlora/trainable_percent": self.trainable_percent,

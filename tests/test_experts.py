@@ -159,3 +159,20 @@ def test_experts_can_be_left_without_adapters_and_stay_4bit():
     model.train()
     model(input_ids=IDS, labels=IDS).loss.backward()  # the frozen 4-bit experts pass gradients to what trains
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_the_merged_export_folds_the_expert_adapters_into_plain_expert_weights(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_qlora.tools.export import export_merged
+
+    model = moe_model(arch)
+    _convert(model, QuantConfig(compute_dtype="fp32"))
+    _perturb(model)
+    report = export_merged(model, tmp_path / "merged", dtype=torch.float32, check_input_ids=IDS, progress=False)
+    assert report.rel_logit_error < 1e-4
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    reloaded.config._experts_implementation = "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=1e-4, rtol=1e-4)

@@ -24,6 +24,7 @@ from lightning_qlora._atomic import files_into, output_directory, writer_lock
 from lightning_qlora._imports import require
 from lightning_qlora._progress import progress_bar
 from lightning_qlora.config import COMPUTE_DTYPES, QuantConfig
+from lightning_qlora.lora.experts import merged_expert_weight
 from lightning_qlora.lora.inject import iter_lora_layers
 from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.lora.peft_format import (
@@ -34,6 +35,7 @@ from lightning_qlora.lora.peft_format import (
     read_adapter_metadata,
 )
 from lightning_qlora.modules import FAN_IN_FAN_OUT, adapter_root, base_linears, is_adapter_parameter
+from lightning_qlora.quant.experts import expert_weight_names, iter_experts
 from lightning_qlora.quant.fingerprint import FingerprintMismatchError
 from lightning_qlora.quant.weight import dequantize_weight
 
@@ -102,9 +104,19 @@ def merged_state_dict(
         if layer.bias is not None:
             state[f"{name}.bias"] = layer.bias.detach().to(dtype).cpu()
     linear_names = {name for name, _ in linears}
+    expert_weights = set()
+    for experts_name, experts in iter_experts(root):  # 3-D expert weights: dequantized, their adapters folded in
+        for weight_name in expert_weight_names(experts):
+            key = f"{experts_name}.{weight_name}"
+            merged = merged_expert_weight(experts, weight_name)
+            state[key] = merged.to(dtype).cpu()
+            expert_weights.add(key)
+            if rounding is not None:
+                rounding[0] += float((merged.to(dtype).float() - merged).square().sum())
+                rounding[1] += float(merged.square().sum())
     for name, param in root.named_parameters():
         owner = name.rpartition(".")[0].removesuffix(".base_layer")
-        if owner in linear_names or is_adapter_parameter(name):
+        if owner in linear_names or is_adapter_parameter(name) or name in expert_weights:
             continue
         state[name] = param.detach().to(dtype).cpu()
     return state
