@@ -103,7 +103,9 @@ def linears_read_by_weight(model: nn.Module) -> list[str]:
     """
     names = []
     for parent_name, parent in model.named_modules():
-        children = [n for n, c in parent.named_children() if isinstance(c, nn.Linear)]
+        # An adapter wrapper reads its own factors' weights: those are no base linears.
+        children = [n for n, c in parent.named_children()
+                    if isinstance(c, nn.Linear) and n not in ADAPTER_MODULE_NAMES and n != BASE_LAYER]
         if not children:
             continue
         parent_class: Any = type(parent)

@@ -181,3 +181,11 @@ def test_modules_the_quantization_config_skips_stay_unquantized_but_adapted():
     assert type(model.model.layers[0].mlp.down_proj.base_layer) is torch.nn.Linear
     assert "model.layers.0.mlp.down_proj" in plugin.summary.adapted
     assert "model.layers.0.mlp.up_proj" in plugin.summary.quantization.quantized
+
+
+def test_a_converted_model_reads_no_base_weight_directly():
+    # Converting again (validate() after fit()) must not take the adapters' own factors for such linears.
+    model = build("llama")
+    QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=8)).convert_module(model)
+    assert linears_read_by_weight(model) == []
+    assert linears_read_by_weight(build("mamba"))  # while Mamba's are found
