@@ -24,6 +24,7 @@ IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3
 # PEFT 0.21 reads DeepSeek-V3's dense/shared-expert gate/up/down_proj targets as its experts' transformers-4 names.
 PEFT_CANNOT_LOAD = {
     "deepseek_v3": "its dense and shared-expert MLP adapters (PEFT remaps their names to the experts)",
+    "qwen2_moe": "its shared-expert MLP adapters with PEFT 0.22 (remapped to the experts; 0.21 loads them)",
     "mamba": "PEFT refuses adapters on Mamba's out_proj (its fused CUDA kernel reads the weight)",
 }
 TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS"}
@@ -116,7 +117,7 @@ def test_adapters_sit_where_peft_all_linear_puts_them_and_peft_loads_them(arch, 
     # Where the model reads a linear's weight directly (Mamba's dt_proj) PEFT's adapter would never be applied: we keep
     # such linears out, and say so.
     read_directly = set(linears_read_by_weight(build(arch)))
-    if arch in PEFT_CANNOT_LOAD:  # PEFT's all-linear refuses or remaps these: every linear but the head, here
+    if arch in PEFT_CANNOT_LOAD and arch != "qwen2_moe":  # PEFT refuses or remaps these: every linear but the head
         theirs = {name for name, module in build(arch).named_modules()
                   if isinstance(module, torch.nn.Linear) and name != "lm_head"}
     else:
@@ -140,9 +141,12 @@ def test_adapters_sit_where_peft_all_linear_puts_them_and_peft_loads_them(arch, 
         reloaded = build(arch)
         load_adapter(reloaded, tmp_path / "adapter")
         torch.testing.assert_close(reloaded(**_inputs(arch)).logits, expected, atol=2e-5, rtol=0)
-        if arch in PEFT_CANNOT_LOAD:
-            return
-        peft_model = PeftModel.from_pretrained(build(arch), tmp_path / "adapter").eval()
+        try:
+            peft_model = PeftModel.from_pretrained(build(arch), tmp_path / "adapter").eval()
+        except (RuntimeError, ValueError):
+            if arch in PEFT_CANNOT_LOAD:  # the documented limitation (PEFT's version decides)
+                return
+            raise
         torch.testing.assert_close(peft_model(**_inputs(arch)).logits, expected, atol=2e-5, rtol=0)
 
 

@@ -110,7 +110,8 @@ def test_expert_adapters_get_the_gradients_of_the_merged_weights(arch):
 # PEFT 0.21 reads target_modules 'gate_proj'/'up_proj'/'down_proj' of DeepSeek-V3 (and other types it converts from
 # transformers 4's per-expert layout) as the experts' old names: adapters on its dense and shared-expert MLPs do not
 # load there (README). Our own load does.
-PEFT_LOADS = {arch: arch != "deepseek_v3" for arch in MOE_ARCHS}
+# PEFT 0.22 does the same for Qwen2-MoE's shared expert: there either outcome is PEFT's.
+PEFT_LOADS = {arch: arch not in ("deepseek_v3", "qwen2_moe") for arch in MOE_ARCHS}
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
@@ -123,12 +124,12 @@ def test_peft_loads_our_expert_adapters_with_the_same_logits_and_so_do_we(arch, 
     save_adapter(model, tmp_path / "adapter")
     with torch.no_grad():
         expected = model(input_ids=IDS).logits
-        if PEFT_LOADS[arch]:
+        try:
             peft_model = PeftModel.from_pretrained(moe_model(arch), tmp_path / "adapter").eval()
             torch.testing.assert_close(peft_model(input_ids=IDS).logits, expected, atol=2e-5, rtol=0)
-        else:
-            with pytest.raises(RuntimeError, match="size mismatch"):
-                PeftModel.from_pretrained(moe_model(arch), tmp_path / "adapter")
+        except RuntimeError as err:
+            if PEFT_LOADS[arch] or "size mismatch" not in str(err):
+                raise
         ours = moe_model(arch)
         load_adapter(ours, tmp_path / "adapter")
         torch.testing.assert_close(ours(input_ids=IDS).logits, expected, atol=2e-5, rtol=0)

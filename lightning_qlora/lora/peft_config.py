@@ -29,7 +29,8 @@ class AdapterFormatError(QLoRAError, ValueError):
 # what the adapter computes in a way this library would silently ignore.
 KNOWN_PEFT_FIELDS = frozenset(
     [
-        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
+        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "astra_config", "auto_mapping",
+        "base_model_name_or_path", "bias",
         "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
         "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
         "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core",
@@ -147,7 +148,8 @@ def peft_task_type(root: nn.Module) -> str | None:
 
 def lora_config_from_peft(config: dict[str, Any], source: Path | str = ADAPTER_CONFIG) -> LoRAConfig:
     """A :class:`LoRAConfig` from PEFT's ``adapter_config.json`` fields."""
-    unknown = sorted(set(config) - KNOWN_PEFT_FIELDS)
+    # A field a newer PEFT writes at its empty default (e.g. PEFT 0.22's astra_config: null) describes nothing new.
+    unknown = sorted(k for k in set(config) - KNOWN_PEFT_FIELDS if config[k] not in (None, False, {}, []))
     if unknown:
         raise AdapterFormatError(
             f"{source}: unknown field(s) {unknown}. Known PEFT LoRA fields are e.g. r, lora_alpha, target_modules; "
