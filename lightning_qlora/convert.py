@@ -227,10 +227,10 @@ def iter_converted_blocks(
     if calibrated is not None and calibrated.layers:
         setattr(model, CALIBRATION_ATTR, "gptq")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained_whole = modules_to_save_of(model)
     root.summary = ConversionSummary(
         report, adapted_all, initialized, trainable, logical_param_count(model), quant, calibrated,
-        trained_whole=modules_to_save_of(model),
-        full_precision=full_precision_report(model, modules_to_save_of(model)),
+        trained_whole=trained_whole, full_precision=full_precision_report(model, trained_whole),
         experts=experts_report, adapted_experts=adapted_experts,
     )
     yield root

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 # Attributes an adapted experts module carries (its adapters live in the ParameterDicts ``lora_A`` / ``lora_B``).
 _SCALING = "lora_scaling"
-_RANK = "lora_r"
 
 
 def is_adapted_experts(module: nn.Module) -> bool:
@@ -65,8 +64,7 @@ def adapt_experts(module: nn.Module, config: LoRAConfig) -> list[str]:
         lora_b[name] = nn.Parameter(torch.zeros(experts, fan_out, config.r, device=device))
     module.lora_A = lora_a
     module.lora_B = lora_b
-    setattr(module, _RANK, config.r)
-    setattr(module, _SCALING, config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r))
+    setattr(module, _SCALING, config.scaling)
     _notes_once(config)
     use_grouped_forward(module)
     return names

@@ -82,7 +82,8 @@ def peft_config_dict(
     first = layers[0][1]
     targets = sorted({name.rpartition(".")[2] for name, _ in layers})
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
-    if _expert_targets(root):
+    expert_targets = _expert_targets(root)
+    if expert_targets:
         dropout = 0.0  # PEFT refuses dropout beside target_parameters; it only matters in training
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
@@ -103,7 +104,7 @@ def peft_config_dict(
         "inference_mode": True,
         "modules_to_save": modules_to_save_of(root) or None,
         # MoE expert weights, in the order PEFT must nest its wrappers (lora.experts.peft_expert_tensors' keys).
-        "target_parameters": _expert_targets(root) or None,
+        "target_parameters": expert_targets or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
