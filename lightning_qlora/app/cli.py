@@ -111,7 +111,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     logger: Any = instantiate(cfg.logger) if cfg.get("logger") else False
-    plugin = QLoRAPlugin(quant=quant, lora=lora, compile=_compile_setting(cfg.get("compile", False)))
+    plugin = QLoRAPlugin(quant=quant, lora=lora, compile=_compile_setting(cfg.get("compile", False)),
+                         memory_budget_gib=cfg.get("memory_budget_gib"))
     resume = resume_checkpoint(cfg.get("resume"))
     if resume is not None:
         plugin.restore_adapters_from_checkpoint()  # the checkpoint's adapters replace any initial ones

@@ -25,6 +25,7 @@ _SCALARS: dict[str, tuple[str, tuple[type, ...], bool]] = {
     "model.warmup_steps": ("an integer", (int,), False),
     "model.min_lr_ratio": ("a number in [0, 1]", (int, float), False),
     "eval.sample_terms": ("an integer", (int,), False),
+    "memory_budget_gib": ("a positive number of GiB or null", (int, float), True),
     "eval.max_new_tokens": ("a positive integer", (int,), False),
 }
 _POSITIVE = {"trainer.log_every_n_steps", "trainer.accumulate_grad_batches", "data.batch_size", "eval.max_new_tokens",

@@ -119,7 +119,7 @@ def causal_lm_loss(model: nn.Module, labels: torch.Tensor, **inputs: Any) -> tor
     A model this cannot run so (another architecture, a quantized or adapted head, a head with a bias) is run as
     ``model(**inputs, labels=labels)``; the reason is logged once per model type.
     """
-    reason = _why_not_chunked(model)
+    reason = why_not_chunked(model)
     if reason is not None:
         key = f"{type(model).__name__}: {reason}"
         if key not in _fallbacks_logged:
@@ -140,7 +140,8 @@ def causal_lm_loss(model: nn.Module, labels: torch.Tensor, **inputs: Any) -> tor
     return chunked_cross_entropy(shifted, head.weight, targets, softcap=softcap, scale=scale)
 
 
-def _why_not_chunked(model: nn.Module) -> str | None:
+def why_not_chunked(model: nn.Module) -> str | None:
+    """Why :func:`causal_lm_loss` runs ``model`` as it is (whole-sequence logits), or ``None`` when it chunks."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in CHUNKABLE_MODEL_TYPES:

@@ -32,8 +32,10 @@ from lightning_qlora.kernels.compile import CompileChoice, choose_compile, compi
 from lightning_qlora.lightning.coverage import STRICT_SHARE, check_quantization_coverage
 from lightning_qlora.lightning.rng import capture_rng_state, restore_rng_state
 from lightning_qlora.lora.inject import mark_only_lora_as_trainable
+from lightning_qlora.memory_plan import MemoryPlan, apply_memory_plan, is_checkpointing, plan_memory
 from lightning_qlora.modules import adapter_root
 from lightning_qlora.quant.weight import has_quantized_linears
+from lightning_qlora.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,15 @@ class QLoRAPlugin(Precision):
         strict: refuse to train when more than this share of the model's matrix weights stayed in full precision
             because the recipe could not quantize them (MoE experts, ``Conv1D``, other matrices; the summary line
             names them): ``True`` is 5%, a float sets the share, ``False`` (the default) only reports them.
+        memory_budget_gib: fit each training step into this much device memory (peak allocated, GiB): before the
+            first step the plugin estimates the step's peak from the model's shapes and the tokens of the largest
+            batch, and turns on the cheapest of activation checkpointing, MLP tiles over the sequence and offloading
+            checkpointed blocks' inputs to pinned host memory that fits (:mod:`lightning_qlora.memory_plan`). It logs
+            the plan in one line; when nothing fits it raises naming the largest batch that would. ``None`` (the
+            default) leaves memory to the user's settings. Offloading and tiles run the blocks eagerly (compile is
+            then off, said in the fast-path line); under FSDP only checkpointing is chosen.
+        max_batch_tokens: the tokens of the largest training batch (rows x tokens a row) the plan is for; by default
+            the datamodule's ``max_batch_tokens`` (the app's data modules have it).
         resume_mismatch: resuming a checkpoint saved with another base (its weights' fingerprint) or with settings
             that change what the model computes (quant type, double quant, blocksize, compute dtype, calibration,
             rank, alpha, rsLoRA, DoRA) is refused (``"error"``), or only warned about (``"warn"``, on purpose).
@@ -111,6 +122,8 @@ class QLoRAPlugin(Precision):
         compile: bool | str | dict[str, Any] = "auto",
         resume_mismatch: Literal["error", "warn"] = "error",
         strict: bool | float = False,
+        memory_budget_gib: float | None = None,
+        max_batch_tokens: int | None = None,
     ) -> None:
         if isinstance(lora, _Default):
             lora = LoRAConfig()
@@ -138,6 +151,13 @@ class QLoRAPlugin(Precision):
         if not isinstance(strict, (int, float)) or not 0.0 <= strict <= 1.0:
             raise ValueError(f"QLoRAPlugin(strict={strict!r}) must be True, False or a share in [0, 1], e.g. 0.05.")
         self.strict = float(strict)
+        if memory_budget_gib is not None and not memory_budget_gib > 0:
+            raise ValueError(f"QLoRAPlugin(memory_budget_gib={memory_budget_gib!r}) must be a positive number of GiB.")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"QLoRAPlugin(max_batch_tokens={max_batch_tokens!r}) must be a positive token count.")
+        self.memory_budget_gib = memory_budget_gib
+        self.max_batch_tokens = max_batch_tokens
+        self.memory_plan: MemoryPlan | None = None
         self.summary: ConversionSummary | None = None
         self.adapters_from_checkpoint = False
 
@@ -222,12 +242,15 @@ class QLoRAPlugin(Precision):
         block_classes: list[str] | None = None,
         calibrate_on: CalibrationData | None = None,
         compile: CompileChoice | None = None,
+        batch_tokens: int | None = None,
     ) -> Iterator[ConvertedBlock]:
         """The recipe (:func:`~lightning_qlora.convert.iter_converted_blocks`) with this plugin's settings, on
         ``module``'s model: each transformer block as it is finished, then the root. Before the root is yielded the
         whole LightningModule is frozen but for its adapters, the blocks are compiled if asked, and :attr:`summary`
-        is set and logged. Calibration comes as a result (``calibration``, e.g. from :meth:`calibrate`) or as
-        batches to calibrate on block by block while converting (``calibrate_on``, from :meth:`calibration_data`).
+        is set and logged, and with ``memory_budget_gib`` the memory plan is made for batches of ``batch_tokens``
+        tokens (the plugin's ``max_batch_tokens`` first) and applied. Calibration comes as a result
+        (``calibration``, e.g. from :meth:`calibrate`) or as batches to calibrate on block by block while converting
+        (``calibrate_on``, from :meth:`calibration_data`).
 
         Raises:
             CalibrationError: when :attr:`needs_calibration` and no ``calibration`` is given for a full-precision
@@ -255,8 +278,35 @@ class QLoRAPlugin(Precision):
                     compile = self.resolve_compile(
                         _device_of(root), None, torch.distributed.is_available() and torch.distributed.is_initialized()
                     )
+                if self.memory_budget_gib is not None:
+                    compile = self._plan_memory(module, root, batch_tokens, compile)
                 self._finish(module, root, piece.summary, wanted_init and already_quantized, compile)
             yield piece
+
+    def _plan_memory(
+        self, module: nn.Module, root: nn.Module, batch_tokens: int | None, compile: CompileChoice
+    ) -> CompileChoice:
+        tokens = self.max_batch_tokens or batch_tokens
+        if tokens is None:
+            raise ValueError(
+                f"QLoRAPlugin(memory_budget_gib={self.memory_budget_gib}) plans for the largest batch, but its size is "
+                "unknown: pass QLoRAPlugin(max_batch_tokens=rows x tokens per row), or give the datamodule a "
+                "max_batch_tokens attribute."
+            )
+        sharded = any(is_sharded(p) for p in root.parameters())
+        plan = plan_memory(
+            root, float(self.memory_budget_gib or 0), int(tokens), dtype=self.dtype,
+            chunked_loss=bool(getattr(module, "chunked_loss", False)), checkpointing_on=is_checkpointing(root),
+            offload_possible=not sharded, tiling_possible=not sharded,
+        )
+        apply_memory_plan(root, plan, _device_of(root))
+        self.memory_plan = plan
+        rank_zero_info(plan.as_text() + ("" if not sharded else " (sharded: checkpointing only)"))
+        if (plan.offloaded_blocks or plan.mlp_tile_tokens) and compile.kwargs is not None:
+            why = "activation offloading" if plan.offloaded_blocks else "MLP tiles"
+            rank_zero_warn(f"The memory plan's {why} run eagerly: torch.compile ({compile.reason}) is off this run.")
+            return CompileChoice(None, f"eager: the memory plan's {why} run outside torch.compile")
+        return compile
 
     def _finish(
         self, module: nn.Module, root: nn.Module, summary: ConversionSummary, init_impossible: bool,

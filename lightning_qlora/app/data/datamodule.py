@@ -232,6 +232,13 @@ class ChatDataModule(LightningDataModule):
         return over / max(1, len(self.train_rows) + len(self.val_rows) + self.counts.get("dropped (too long)", 0))
 
     @property
+    def max_batch_tokens(self) -> int:
+        """Tokens of the largest training batch (what ``QLoRAPlugin(memory_budget_gib=...)`` plans for): rows a
+        batch times the budget a packed row fills, or the longest a row may be.
+        """
+        return self.batch_size * (self.max_tokens if self.packing else self.max_length)
+
+    @property
     def static_batch_shapes(self) -> bool:
         """Every training batch has the same shape (packed): what lets CUDA graphs replay one recorded step."""
         return self.packing

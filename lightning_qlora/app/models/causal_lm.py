@@ -93,6 +93,14 @@ class CausalLMFineTune(LightningModule):
         # ``tokens`` (a batch's count of real tokens) is bookkeeping, not a model input.
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    @property
+    def chunked_loss(self) -> bool:
+        """Whether the training loss is taken in chunks for this model (what a memory plan counts on)."""
+        from lightning_qlora.kernels.chunked_loss import why_not_chunked
+
+        return bool(self._settings.get("chunked_loss", True)) and self.model is not None and why_not_chunked(
+            self.model) is None
+
     @staticmethod
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """What the model reads from a batch: padded rows come with an ``attention_mask``; packed rows with

@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_qlora.lightning.checkpoint_io import AtomicCheckpointIO, require_lightning_checkpoint
 from lightning_qlora.lightning.plugin import QLoRAPlugin
-from lightning_qlora.lightning.strategies.mixin import QLoRAStrategyMixin
+from lightning_qlora.lightning.strategies.mixin import QLoRAStrategyMixin, max_batch_tokens
 from lightning_qlora.modules import find_blocks
 from lightning_qlora.sharding import QuantStorageMismatchError, shard_model, shard_unit
 
@@ -93,7 +93,8 @@ class QLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         calibration = self.calibration_data(trainer, plugin)  # (None: FSDP refused calibration in connect)
         sharded: list[str] = []
         blocks = plugin.iter_converted_blocks(
-            self.model, self.root_device, block_classes=self.shard_modules, calibrate_on=calibration
+            self.model, self.root_device, block_classes=self.shard_modules, calibrate_on=calibration,
+            batch_tokens=max_batch_tokens(trainer),
         )
         for block in blocks:
             if not block.is_root:

@@ -33,6 +33,14 @@ from lightning_qlora.optim.in_backward import OptimizerInBackward
 from lightning_qlora.quant.weight import has_quantized_linears
 
 
+def max_batch_tokens(trainer: Trainer) -> int | None:
+    """The tokens of the largest training batch, when the datamodule says (``max_batch_tokens``): what
+    ``QLoRAPlugin(memory_budget_gib=...)`` plans for.
+    """
+    value = getattr(getattr(trainer, "datamodule", None), "max_batch_tokens", None)
+    return int(value) if value else None
+
+
 class QLoRAStrategyMixin(Strategy):
     """Mixed into a Lightning strategy (before it in the bases, so its hooks wrap the strategy's): see the module
     docstring. A subclass sets ``strategy_name``; the FSDP strategy overrides :meth:`convert` to shard each block.
@@ -76,7 +84,10 @@ class QLoRAStrategyMixin(Strategy):
         data = self.calibration_data(trainer, plugin)
         assert self.model is not None
         compile = self.compile_choice(trainer, plugin)
-        for _ in plugin.iter_converted_blocks(self.model, self.root_device, calibrate_on=data, compile=compile):
+        blocks = plugin.iter_converted_blocks(
+            self.model, self.root_device, calibrate_on=data, compile=compile, batch_tokens=max_batch_tokens(trainer)
+        )
+        for _ in blocks:
             pass  # each block stays on this device
 
     def compile_choice(self, trainer: Trainer, plugin: QLoRAPlugin) -> CompileChoice:
@@ -130,8 +141,11 @@ class QLoRAStrategyMixin(Strategy):
 
     def log_conversion(self, trainer: Trainer, plugin: QLoRAPlugin) -> None:
         if trainer.state.fn == TrainerFn.FITTING and plugin.summary is not None:
-            for logger in trainer.loggers:  # the conversion summary, once per fit, as metrics
-                logger.log_metrics(plugin.summary.as_metrics(), step=trainer.global_step)
+            metrics = plugin.summary.as_metrics()
+            if plugin.memory_plan is not None:
+                metrics.update(plugin.memory_plan.as_metrics())
+            for logger in trainer.loggers:  # the conversion summary (and memory plan), once per fit, as metrics
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:

@@ -1,0 +1,152 @@
+"""The memory plan: an estimate close to what a step keeps, the cheapest fitting choice, a clear refusal."""
+
+import pytest
+import torch
+import transformers
+
+from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig
+from lightning_qlora.kernels.chunked_loss import causal_lm_loss
+from lightning_qlora.kernels.offload import OffloadedCheckpoint
+from lightning_qlora.memory_plan import GIB, MemoryBudgetError, ModelShape, estimate_bytes, plan_memory
+from tests.helpers import CausalLMModule, fast_trainer, token_loader
+
+
+def _converted(hidden=128, intermediate=512, layers=2, dtype="bf16"):
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate,
+                                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
+                                      max_position_embeddings=512, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    QLoRAPlugin(quant=QuantConfig(compute_dtype=dtype), lora=LoRAConfig(r=8, dropout=0.0)).convert_module(model)
+    return model.train()
+
+
+def _saved_bytes(model, tokens):
+    """Bytes of the tensors autograd saves for backward in one plain step (parameters excluded)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in params:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    ids = torch.randint(1, 256, (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model, ids, input_ids=ids)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("hidden,intermediate", [(128, 512), (256, 512), (128, 1024)])
+def test_the_estimate_of_kept_activations_is_within_15_percent_of_what_autograd_saves(hidden, intermediate):
+    model = _converted(hidden, intermediate, layers=3)
+    tokens = 256
+    shape = ModelShape.of(model, torch.bfloat16)
+    estimate = estimate_bytes(shape, tokens, checkpointing=False, mlp_tile_tokens=None, offloaded_blocks=0,
+                              chunked_loss=True)
+    measured = _saved_bytes(model, tokens)
+    # The chunked loss saves the head's input gradient: counted in the loss part.
+    predicted = estimate["kept activations"] + 2 * 2 * hidden * tokens
+    assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)
+
+
+def test_each_smaller_budget_asks_for_the_next_measure_then_a_clear_refusal():
+    model = _converted(layers=4)
+    tokens = 4096
+
+    def plan(budget):
+        return plan_memory(model, budget / GIB, tokens, chunked_loss=True)
+
+    shape = ModelShape.of(model, torch.bfloat16)
+
+    def need(**choice):
+        return sum(estimate_bytes(shape, tokens, chunked_loss=True, **choice).values()) / 0.9 + 1
+
+    roomy = plan(need(checkpointing=False, mlp_tile_tokens=None, offloaded_blocks=0))
+    assert (roomy.checkpointing, roomy.mlp_tile_tokens, roomy.offloaded_blocks) == (False, None, 0)
+    checkpointed = plan(need(checkpointing=True, mlp_tile_tokens=None, offloaded_blocks=0))
+    assert (checkpointed.checkpointing, checkpointed.mlp_tile_tokens) == (True, None)
+    tiled = plan_memory(model, need(checkpointing=True, mlp_tile_tokens=512, offloaded_blocks=0) / GIB, tokens,
+                        chunked_loss=True, mlp_tile_tokens=512)
+    assert (tiled.mlp_tile_tokens, tiled.offloaded_blocks) == (512, 0)
+    two = plan_memory(model, need(checkpointing=True, mlp_tile_tokens=512, offloaded_blocks=2) / GIB, tokens,
+                      chunked_loss=True, mlp_tile_tokens=512)
+    assert two.offloaded_blocks == 2
+    assert "2 of 4 blocks' inputs offloaded to host memory" in two.as_text()
+    assert two.estimated_bytes <= 0.9 * two.budget_bytes
+
+    too_small = need(checkpointing=True, mlp_tile_tokens=512, offloaded_blocks=4) * 0.8
+    with pytest.raises(MemoryBudgetError, match=r"The largest batch that would fit is about ([\d,]+) tokens") as info:
+        plan_memory(model, too_small / GIB, tokens, chunked_loss=True, mlp_tile_tokens=512)
+    largest = int(info.value.args[0].split("about ")[-1].split(" tokens")[0].replace(",", ""))
+    assert 0 < largest < tokens
+    fits = plan_memory(model, too_small / GIB, largest, chunked_loss=True, mlp_tile_tokens=512)  # what it said fits
+    assert fits.offloaded_blocks <= 4
+    # Checkpointing already on is kept; where offloading is impossible (sharded) it is never chosen.
+    assert plan_memory(model, 1e3, tokens, chunked_loss=True, checkpointing_on=True).checkpointing
+    with pytest.raises(MemoryBudgetError, match="no offloading"):
+        plan_memory(model, too_small / GIB, tokens, chunked_loss=True, offload_possible=False, tiling_possible=False)
+
+
+def test_the_whole_sequence_logits_count_when_the_loss_is_not_chunked():
+    model = _converted()
+    shape = ModelShape.of(model, torch.bfloat16)
+    common = dict(checkpointing=True, mlp_tile_tokens=None, offloaded_blocks=0)
+    tokens = 2**20  # (at 256 tokens of vocabulary the logits are small until the sequence is long)
+    whole = estimate_bytes(shape, tokens, chunked_loss=False, **common)["loss"]
+    chunked = estimate_bytes(shape, tokens, chunked_loss=True, **common)["loss"]
+    assert whole == tokens * 256 * (2 + 8)  # bf16 logits, their fp32 copy and its gradient
+    assert chunked < whole
+
+
+def test_a_model_without_a_transformers_config_is_refused_with_the_fix():
+    with pytest.raises(MemoryBudgetError, match="Leave memory_budget_gib unset"):
+        plan_memory(torch.nn.Sequential(torch.nn.Linear(4, 4)), 1.0, 16)
+
+
+def test_the_plugin_plans_before_the_first_step_and_trains_the_same_adapters(tiny_llama_config, caplog):
+    # A budget this small on a 4-layer model forces offloading and tiles: the adapters after training equal those
+    # of a run without the plan (the plan changes where activations live, never what is computed).
+    tiny_llama_config.num_hidden_layers = 4
+
+    def fit(budget):
+        module = CausalLMModule(tiny_llama_config)
+        plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=4, dropout=0.0),
+                             memory_budget_gib=budget, max_batch_tokens=4 * 16)
+        trainer = fast_trainer(plugins=[plugin], strategy="qlora", max_steps=3)
+        trainer.fit(module, token_loader(batch_size=4))
+        state = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        return plugin, module, state
+
+    _, _, plain = fit(None)
+    shape = ModelShape.of(_converted_like(tiny_llama_config), torch.float32)
+    # Enough for the model and all but the activations kept by two blocks.
+    need = sum(estimate_bytes(shape, 64, checkpointing=True, mlp_tile_tokens=8192, offloaded_blocks=2,
+                              chunked_loss=False).values()) / 0.9 + 1
+    with caplog.at_level("INFO"):
+        plugin, module, planned = fit(need / GIB)
+    plan = plugin.memory_plan
+    assert plan is not None and plan.checkpointing and plan.offloaded_blocks == 2
+    assert "Memory plan for" in caplog.text and "2 of 4 blocks' inputs offloaded" in caplog.text
+    layers = module.model.model.layers
+    assert [isinstance(b._gradient_checkpointing_func, OffloadedCheckpoint) for b in layers] == [True, True, False,
+                                                                                                  False]
+    assert planned.keys() == plain.keys()
+    for name, value in planned.items():
+        torch.testing.assert_close(value, plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_plugin_needs_to_know_the_batch_size_and_a_positive_budget(tiny_llama_config):
+    with pytest.raises(ValueError, match="positive number of GiB"):
+        QLoRAPlugin(memory_budget_gib=0)
+    module = CausalLMModule(tiny_llama_config)
+    trainer = fast_trainer(plugins=[QLoRAPlugin(memory_budget_gib=10)], strategy="qlora", max_steps=1)
+    with pytest.raises(ValueError, match="max_batch_tokens=rows x tokens per row"):
+        trainer.fit(module, token_loader(batch_size=4))
+
+
+def _converted_like(config):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=4, dropout=0.0)).convert_module(model)
+    return model
