@@ -275,3 +275,19 @@ def is_checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, switch, False)) or any(
         getattr(block, "gradient_checkpointing", False) for _, block in find_blocks(model)
     )
+
+
+def eager_memory_measures(model: nn.Module) -> list[str]:
+    """The measures set on ``model``'s blocks that run outside ``torch.compile``, in words (empty: none)."""
+    from lightning_qlora.kernels.offload import OffloadedCheckpoint
+    from lightning_qlora.kernels.tiled_mlp import TILED_ATTR
+
+    blocks = [block for _, block in find_blocks(model)]
+    offloaded = sum(isinstance(getattr(b, "_gradient_checkpointing_func", None), OffloadedCheckpoint) for b in blocks)
+    tiled = sum(getattr(m, TILED_ATTR, None) is not None for b in blocks for m in b.modules())
+    measures = []
+    if offloaded:
+        measures.append(f"activation offloading ({offloaded} blocks)")
+    if tiled:
+        measures.append(f"MLP tiles ({tiled} MLPs)")
+    return measures

@@ -37,7 +37,7 @@ def _saved_bytes(model, tokens):
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("hidden,intermediate", [(128, 512), (256, 512), (128, 1024)])
+@pytest.mark.parametrize(("hidden", "intermediate"), [(128, 512), (256, 512), (128, 1024)])
 def test_the_estimate_of_kept_activations_is_within_15_percent_of_what_autograd_saves(hidden, intermediate):
     model = _converted(hidden, intermediate, layers=3)
     tokens = 256
@@ -91,7 +91,7 @@ def test_each_smaller_budget_asks_for_the_next_measure_then_a_clear_refusal():
 def test_the_whole_sequence_logits_count_when_the_loss_is_not_chunked():
     model = _converted()
     shape = ModelShape.of(model, torch.bfloat16)
-    common = dict(checkpointing=True, mlp_tile_tokens=None, offloaded_blocks=0)
+    common = {"checkpointing": True, "mlp_tile_tokens": None, "offloaded_blocks": 0}
     tokens = 2**20  # (at 256 tokens of vocabulary the logits are small until the sequence is long)
     whole = estimate_bytes(shape, tokens, chunked_loss=False, **common)["loss"]
     chunked = estimate_bytes(shape, tokens, chunked_loss=True, **common)["loss"]
@@ -126,8 +126,11 @@ def test_the_plugin_plans_before_the_first_step_and_trains_the_same_adapters(tin
     with caplog.at_level("INFO"):
         plugin, module, planned = fit(need / GIB)
     plan = plugin.memory_plan
-    assert plan is not None and plan.checkpointing and plan.offloaded_blocks == 2
-    assert "Memory plan for" in caplog.text and "2 of 4 blocks' inputs offloaded" in caplog.text
+    assert plan is not None
+    assert plan.checkpointing
+    assert plan.offloaded_blocks == 2
+    assert "Memory plan for" in caplog.text
+    assert "2 of 4 blocks' inputs offloaded" in caplog.text
     layers = module.model.model.layers
     assert [isinstance(b._gradient_checkpointing_func, OffloadedCheckpoint) for b in layers] == [True, True, False,
                                                                                                   False]
@@ -150,3 +153,17 @@ def _converted_like(config):
     model = transformers.LlamaForCausalLM(config)
     QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=4, dropout=0.0)).convert_module(model)
     return model
+
+
+def test_offloaded_blocks_turn_compile_off_and_say_so(tiny_llama_config, caplog):
+    from lightning_qlora.kernels.offload import HostOffload, offload_block_inputs
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    offload_block_inputs(list(model.model.layers), HostOffload(torch.device("cpu")))
+    with caplog.at_level("INFO"), pytest.warns(UserWarning, match="activation offloading .2 blocks. run eagerly"):
+        QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), compile=True).convert_module(model)
+    assert "eager: activation offloading (2 blocks) run outside torch.compile" in caplog.text
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in model.model.layers)
+    assert all(isinstance(b._gradient_checkpointing_func, OffloadedCheckpoint) for b in model.model.layers)

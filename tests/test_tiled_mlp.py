@@ -74,7 +74,8 @@ def test_each_adapter_receives_one_gradient_and_eval_tiles_without_a_graph():
             param.register_post_accumulate_grad_hook(lambda p, n=name: counts.__setitem__(n, counts[n] + 1))
     ids = torch.randint(1, 96, (1, 23), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids, labels=ids).loss.backward()
-    assert counts and set(counts.values()) == {1}
+    assert counts
+    assert set(counts.values()) == {1}
     with torch.no_grad():
         tiled = model(input_ids=ids).logits
     plain = _model()

@@ -32,7 +32,13 @@ from lightning_qlora.kernels.compile import CompileChoice, choose_compile, compi
 from lightning_qlora.lightning.coverage import STRICT_SHARE, check_quantization_coverage
 from lightning_qlora.lightning.rng import capture_rng_state, restore_rng_state
 from lightning_qlora.lora.inject import mark_only_lora_as_trainable
-from lightning_qlora.memory_plan import MemoryPlan, apply_memory_plan, is_checkpointing, plan_memory
+from lightning_qlora.memory_plan import (
+    MemoryPlan,
+    apply_memory_plan,
+    eager_memory_measures,
+    is_checkpointing,
+    plan_memory,
+)
 from lightning_qlora.modules import adapter_root
 from lightning_qlora.quant.weight import has_quantized_linears
 from lightning_qlora.sharding import is_sharded
@@ -279,13 +285,12 @@ class QLoRAPlugin(Precision):
                         _device_of(root), None, torch.distributed.is_available() and torch.distributed.is_initialized()
                     )
                 if self.memory_budget_gib is not None:
-                    compile = self._plan_memory(module, root, batch_tokens, compile)
+                    self._plan_memory(module, root, batch_tokens)
+                compile = _eager_for_memory_measures(root, compile)
                 self._finish(module, root, piece.summary, wanted_init and already_quantized, compile)
             yield piece
 
-    def _plan_memory(
-        self, module: nn.Module, root: nn.Module, batch_tokens: int | None, compile: CompileChoice
-    ) -> CompileChoice:
+    def _plan_memory(self, module: nn.Module, root: nn.Module, batch_tokens: int | None) -> None:
         tokens = self.max_batch_tokens or batch_tokens
         if tokens is None:
             raise ValueError(
@@ -302,11 +307,6 @@ class QLoRAPlugin(Precision):
         apply_memory_plan(root, plan, _device_of(root))
         self.memory_plan = plan
         rank_zero_info(plan.as_text() + ("" if not sharded else " (sharded: checkpointing only)"))
-        if (plan.offloaded_blocks or plan.mlp_tile_tokens) and compile.kwargs is not None:
-            why = "activation offloading" if plan.offloaded_blocks else "MLP tiles"
-            rank_zero_warn(f"The memory plan's {why} run eagerly: torch.compile ({compile.reason}) is off this run.")
-            return CompileChoice(None, f"eager: the memory plan's {why} run outside torch.compile")
-        return compile
 
     def _finish(
         self, module: nn.Module, root: nn.Module, summary: ConversionSummary, init_impossible: bool,
@@ -421,6 +421,17 @@ def _default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def _eager_for_memory_measures(root: nn.Module, compile: CompileChoice) -> CompileChoice:
+    """``compile``, or eager when the model's blocks offload their inputs or tile their MLPs: a compiled block takes
+    over its checkpoint function (which is what offloads) and would trace the tiles' autograd node.
+    """
+    measures = eager_memory_measures(root)
+    if not measures or compile.kwargs is None:
+        return compile
+    rank_zero_warn(f"{' and '.join(measures)} run eagerly: torch.compile ({compile.reason}) is off for this run.")
+    return CompileChoice(None, f"eager: {' and '.join(measures)} run outside torch.compile")
 
 
 def _device_of(model: nn.Module) -> torch.device:
