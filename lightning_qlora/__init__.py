@@ -25,8 +25,11 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": "lightning_qlora.config",
     "ConversionSummary": "lightning_qlora.convert",
     "ErrorCorrectingInit": "lightning_qlora.calibration",
+    "HostOffload": "lightning_qlora.kernels.offload",
     "LoRAConfig": "lightning_qlora.config",
     "LoRALinear": "lightning_qlora.lora",
+    "MemoryBudgetError": "lightning_qlora.memory_plan",
+    "MemoryPlan": "lightning_qlora.memory_plan",
     "OptimizerInBackward": "lightning_qlora.optim.in_backward",
     "PeakMemoryMonitor": "lightning_qlora.lightning.callbacks",
     "QLoRADDPStrategy": "lightning_qlora.lightning.strategies",
@@ -40,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "ResumeMismatchError": "lightning_qlora.lightning.plugin",
     "calibrate": "lightning_qlora.calibration",
     "calibrated_weights": "lightning_qlora.calibration",
+    "causal_lm_loss": "lightning_qlora.kernels.chunked_loss",
     "convert_model": "lightning_qlora.convert",
     "inject_lora": "lightning_qlora.lora",
     "iter_converted_blocks": "lightning_qlora.convert",
@@ -47,11 +51,14 @@ _EXPORTS: dict[str, str] = {
     "lora_state_dict": "lightning_qlora.lora",
     "mark_only_lora_as_trainable": "lightning_qlora.lora",
     "merge_lora": "lightning_qlora.lora",
+    "offload_block_inputs": "lightning_qlora.kernels.offload",
+    "plan_memory": "lightning_qlora.memory_plan",
     "preferred_compute_dtype": "lightning_qlora.hardware",
     "quantize_model": "lightning_qlora.quant",
     "save_adapter": "lightning_qlora.lora",
     "save_quantized": "lightning_qlora.quant.save",
     "stream_pretrained": "lightning_qlora.pretrained",
+    "tile_block_mlps": "lightning_qlora.kernels.tiled_mlp",
     "unmerge_lora": "lightning_qlora.lora",
 }
 
@@ -63,8 +70,11 @@ __all__ = [
     "ConfigError",
     "ConversionSummary",
     "ErrorCorrectingInit",
+    "HostOffload",
     "LoRAConfig",
     "LoRALinear",
+    "MemoryBudgetError",
+    "MemoryPlan",
     "OptimizerInBackward",
     "PeakMemoryMonitor",
     "QLoRADDPStrategy",
@@ -78,6 +88,7 @@ __all__ = [
     "ResumeMismatchError",
     "calibrate",
     "calibrated_weights",
+    "causal_lm_loss",
     "convert_model",
     "inject_lora",
     "iter_converted_blocks",
@@ -85,11 +96,14 @@ __all__ = [
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_lora",
+    "offload_block_inputs",
+    "plan_memory",
     "preferred_compute_dtype",
     "quantize_model",
     "save_adapter",
     "save_quantized",
     "stream_pretrained",
+    "tile_block_mlps",
     "unmerge_lora",
 ]
 
@@ -133,6 +147,9 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from lightning_qlora.config import ConfigError, LoRAConfig, QuantConfig
     from lightning_qlora.convert import ConversionSummary, convert_model, iter_converted_blocks
     from lightning_qlora.errors import QLoRAError
+    from lightning_qlora.kernels.chunked_loss import causal_lm_loss
+    from lightning_qlora.kernels.offload import HostOffload, offload_block_inputs
+    from lightning_qlora.kernels.tiled_mlp import tile_block_mlps
     from lightning_qlora.lightning.callbacks import AdapterCheckpoint, PeakMemoryMonitor
     from lightning_qlora.lightning.plugin import QLoRAPlugin, ResumeMismatchError
     from lightning_qlora.lightning.strategies import QLoRADDPStrategy, QLoRAFSDPStrategy, QLoRAStrategy
@@ -146,6 +163,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         save_adapter,
         unmerge_lora,
     )
+    from lightning_qlora.memory_plan import MemoryBudgetError, MemoryPlan, plan_memory
     from lightning_qlora.optim.adamw8bit import AdamW8bit
     from lightning_qlora.optim.in_backward import OptimizerInBackward
     from lightning_qlora.pretrained import stream_pretrained

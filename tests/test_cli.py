@@ -61,6 +61,19 @@ def test_compile_override_reaches_the_plugin_as_a_mode():
         QLoRAPlugin(compile=_compile_setting(_compose(["compile=fast"]).compile))
 
 
+def test_memory_budget_is_checked_and_the_datamodule_says_its_batch_size_in_tokens():
+    from lightning_qlora.app.validate import validate_app_config
+    from lightning_qlora.config import ConfigError
+
+    cfg = _compose(["memory_budget_gib=70", "data.max_tokens=4096", "data.batch_size=2"])
+    validate_app_config(cfg)
+    assert cfg.memory_budget_gib == 70 and _compose([]).memory_budget_gib is None
+    datamodule = instantiate(cfg.data, tokenizer_path="unused")
+    assert datamodule.max_batch_tokens == 2 * 4096
+    with pytest.raises(ConfigError, match="memory_budget_gib='lots' must be a positive number of GiB or null"):
+        validate_app_config(_compose(["memory_budget_gib=lots"]))
+
+
 def test_override_typo_fails_with_hydras_message():
     with pytest.raises(ConfigCompositionException, match=r"Could not override 'lora.rr'"):
         _compose(["lora.rr=8"])

@@ -30,18 +30,12 @@ from lightning_qlora.convert import ConversionSummary, ConvertedBlock, iter_conv
 from lightning_qlora.errors import QLoRAError
 from lightning_qlora.kernels.compile import CompileChoice, choose_compile, compile_blocks
 from lightning_qlora.lightning.coverage import STRICT_SHARE, check_quantization_coverage
+from lightning_qlora.lightning.memory import eager_for_memory_measures, plan_and_apply
 from lightning_qlora.lightning.rng import capture_rng_state, restore_rng_state
 from lightning_qlora.lora.inject import mark_only_lora_as_trainable
-from lightning_qlora.memory_plan import (
-    MemoryPlan,
-    apply_memory_plan,
-    eager_memory_measures,
-    is_checkpointing,
-    plan_memory,
-)
+from lightning_qlora.memory_plan import MemoryPlan
 from lightning_qlora.modules import adapter_root
 from lightning_qlora.quant.weight import has_quantized_linears
-from lightning_qlora.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +86,10 @@ class QLoRAPlugin(Precision):
             because the recipe could not quantize them (MoE experts, ``Conv1D``, other matrices; the summary line
             names them): ``True`` is 5%, a float sets the share, ``False`` (the default) only reports them.
         memory_budget_gib: fit each training step into this much device memory (peak allocated, GiB): before the
-            first step the plugin estimates the step's peak from the model's shapes and the tokens of the largest
-            batch, and turns on the cheapest of activation checkpointing, MLP tiles over the sequence and offloading
-            checkpointed blocks' inputs to pinned host memory that fits (:mod:`lightning_qlora.memory_plan`). It logs
-            the plan in one line; when nothing fits it raises naming the largest batch that would. ``None`` (the
-            default) leaves memory to the user's settings. Offloading and tiles run the blocks eagerly (compile is
-            then off, said in the fast-path line); under FSDP only checkpointing is chosen.
-        max_batch_tokens: the tokens of the largest training batch (rows x tokens a row) the plan is for; by default
-            the datamodule's ``max_batch_tokens`` (the app's data modules have it).
+            first step the cheapest of checkpointing, MLP tiles and offloading blocks' inputs to host memory that fits
+            is chosen from the model's shapes and logged (:mod:`lightning_qlora.memory_plan`; tiles and offloading
+            turn compile off). ``None`` (the default): memory is the user's settings.
+        max_batch_tokens: tokens of the largest training batch, for the plan (default: the datamodule's).
         resume_mismatch: resuming a checkpoint saved with another base (its weights' fingerprint) or with settings
             that change what the model computes (quant type, double quant, blocksize, compute dtype, calibration,
             rank, alpha, rsLoRA, DoRA) is refused (``"error"``), or only warned about (``"warn"``, on purpose).
@@ -285,28 +275,12 @@ class QLoRAPlugin(Precision):
                         _device_of(root), None, torch.distributed.is_available() and torch.distributed.is_initialized()
                     )
                 if self.memory_budget_gib is not None:
-                    self._plan_memory(module, root, batch_tokens)
-                compile = _eager_for_memory_measures(root, compile)
+                    self.memory_plan = plan_and_apply(
+                        module, root, self.memory_budget_gib, self.max_batch_tokens or batch_tokens, self.dtype
+                    )
+                compile = eager_for_memory_measures(root, compile)
                 self._finish(module, root, piece.summary, wanted_init and already_quantized, compile)
             yield piece
-
-    def _plan_memory(self, module: nn.Module, root: nn.Module, batch_tokens: int | None) -> None:
-        tokens = self.max_batch_tokens or batch_tokens
-        if tokens is None:
-            raise ValueError(
-                f"QLoRAPlugin(memory_budget_gib={self.memory_budget_gib}) plans for the largest batch, but its size is "
-                "unknown: pass QLoRAPlugin(max_batch_tokens=rows x tokens per row), or give the datamodule a "
-                "max_batch_tokens attribute."
-            )
-        sharded = any(is_sharded(p) for p in root.parameters())
-        plan = plan_memory(
-            root, float(self.memory_budget_gib or 0), int(tokens), dtype=self.dtype,
-            chunked_loss=bool(getattr(module, "chunked_loss", False)), checkpointing_on=is_checkpointing(root),
-            offload_possible=not sharded, tiling_possible=not sharded,
-        )
-        apply_memory_plan(root, plan, _device_of(root))
-        self.memory_plan = plan
-        rank_zero_info(plan.as_text() + ("" if not sharded else " (sharded: checkpointing only)"))
 
     def _finish(
         self, module: nn.Module, root: nn.Module, summary: ConversionSummary, init_impossible: bool,
@@ -421,17 +395,6 @@ def _default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
         yield
     finally:
         torch.set_default_dtype(previous)
-
-
-def _eager_for_memory_measures(root: nn.Module, compile: CompileChoice) -> CompileChoice:
-    """``compile``, or eager when the model's blocks offload their inputs or tile their MLPs: a compiled block takes
-    over its checkpoint function (which is what offloads) and would trace the tiles' autograd node.
-    """
-    measures = eager_memory_measures(root)
-    if not measures or compile.kwargs is None:
-        return compile
-    rank_zero_warn(f"{' and '.join(measures)} run eagerly: torch.compile ({compile.reason}) is off for this run.")
-    return CompileChoice(None, f"eager: {' and '.join(measures)} run outside torch.compile")
 
 
 def _device_of(model: nn.Module) -> torch.device:
