@@ -192,6 +192,9 @@ class LoRAConfig:
             ``experts.down_proj`` of transformers 5; one adapter per expert, PEFT's ``target_parameters``), without
             dropout or DoRA there. A model without experts is unaffected. Their 4-bit quantization does not depend on
             it.
+        target_router: an adapter on each MoE router's ``[experts, hidden]`` weight too (it stays in full precision
+            either way; PEFT's ``target_parameters`` ``mlp.gate.weight``). Off by default, as PEFT's ``all-linear``:
+            a router that learns changes which experts each token reaches.
 
     Raises:
         ConfigError: listing every invalid value at once.
@@ -210,11 +213,13 @@ class LoRAConfig:
     init_lora_weights: LoRAInit = "default"
     modules_to_save: Sequence[str] = DEFAULT_MODULES_TO_SAVE
     target_experts: bool = True
+    target_router: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if not isinstance(self.target_experts, bool):
-            problems.append(f"target_experts={self.target_experts!r} must be a bool (True or False).")
+        for flag in ("target_experts", "target_router"):
+            if not isinstance(getattr(self, flag), bool):
+                problems.append(f"{flag}={getattr(self, flag)!r} must be a bool (True or False).")
         heads = _as_str_tuple(self.modules_to_save) if self.modules_to_save is not None else ()
         if heads is None or any(not name for name in heads):
             problems.append(

@@ -30,6 +30,7 @@ class ConversionSummary:
             are flagged).
         experts: the 3-D MoE expert weights quantized (and their bytes), if the model has any.
         adapted_experts: the expert weights given per-expert adapters (``module.weight`` names).
+        adapted_routers: the MoE routers given an adapter (``LoRAConfig(target_router=True)``; ``module.weight``).
     """
 
     quantization: QuantizationReport
@@ -43,6 +44,7 @@ class ConversionSummary:
     full_precision: FullPrecisionReport | None = None
     experts: ExpertsReport = field(default_factory=ExpertsReport)
     adapted_experts: list[str] = field(default_factory=list)
+    adapted_routers: list[str] = field(default_factory=list)
 
     @property
     def trainable_percent(self) -> float:
@@ -52,7 +54,8 @@ class ConversionSummary:
     def changed_anything(self) -> bool:
         """False for a model that was converted before (e.g. ``validate()`` after ``fit()``)."""
         quantized = bool(self.quantization.quantized) or bool(self.experts.quantized)
-        return bool(self.adapted) or bool(self.adapted_experts) or (quantized and self.quant.quantized)
+        adapted = bool(self.adapted) or bool(self.adapted_experts) or bool(self.adapted_routers)
+        return adapted or (quantized and self.quant.quantized)
 
     def as_text(self) -> str:
         q, quant = self.quantization, self.quant
@@ -70,11 +73,13 @@ class ConversionSummary:
 
     def _experts_text(self) -> str:
         e = self.experts
+        routers = f", LoRA on {len(self.adapted_routers)} router(s)" if self.adapted_routers else ""
         if not e.quantized and not self.adapted_experts:
-            return ""
+            return f"; MoE{routers.removeprefix(',')}" if routers else ""
         kind = self.quant.quant_type if self.quant.quantized else "cast"
         return (f"; MoE experts: {len(e.quantized)} weight(s), {e.num_params:,} params -> {kind}, "
-                f"{_mib(e.bytes_before)} -> {_mib(e.bytes_after)}, per-expert LoRA on {len(self.adapted_experts)}")
+                f"{_mib(e.bytes_before)} -> {_mib(e.bytes_after)}, per-expert LoRA on {len(self.adapted_experts)}"
+                + routers)
 
     def _kept_names(self) -> list[str]:
         # A head trained whole is kept too, but it trains: say so, or the line reads as a frozen full-precision head.

@@ -28,6 +28,7 @@ from lightning_qlora.lora.experts import adapt_experts, use_grouped_forward
 from lightning_qlora.lora.heads import find_modules_to_save, modules_to_save_of, train_whole
 from lightning_qlora.lora.inject import target_names, wrap_linears
 from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.lora.router import adapt_router, iter_routers
 from lightning_qlora.modules import (
     find_blocks,
     is_adapter_parameter,
@@ -151,6 +152,7 @@ def iter_converted_blocks(
     owner = {name: block_of(name) for name, _ in linears}
     adapted_all: list[str] = []
     adapted_experts: list[str] = []
+    adapted_routers: list[str] = []
     experts_report = ExpertsReport()
     initialized: list[str] = []
     during = None
@@ -202,6 +204,10 @@ def iter_converted_blocks(
         if lora is not None and lora.target_experts:
             for name, module in experts:
                 adapted_experts.extend(f"{_qualified(piece_name, name)}.{w}" for w in adapt_experts(module, lora))
+        if lora is not None and lora.target_router:
+            for name, module in iter_routers(piece):
+                if not is_inside(_qualified(piece_name, name), heads) and adapt_router(module, lora):
+                    adapted_routers.append(f"{_qualified(piece_name, name)}.weight")
         _freeze_base(piece, head_parameters)
         initialized.extend(_initialize(model, adapted, {**adapter_init, **block_factors}))
         return ConvertedBlock(piece_name, piece, quantized, adapted)
@@ -231,7 +237,7 @@ def iter_converted_blocks(
     root.summary = ConversionSummary(
         report, adapted_all, initialized, trainable, logical_param_count(model), quant, calibrated,
         trained_whole=trained_whole, full_precision=full_precision_report(model, trained_whole),
-        experts=experts_report, adapted_experts=adapted_experts,
+        experts=experts_report, adapted_experts=adapted_experts, adapted_routers=adapted_routers,
     )
     yield root
 

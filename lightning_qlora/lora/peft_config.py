@@ -15,6 +15,7 @@ from lightning_qlora.config import LoRAConfig
 from lightning_qlora.errors import QLoRAError
 from lightning_qlora.lora.heads import modules_to_save_of
 from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.lora.router import is_router_target
 from lightning_qlora.modules import FAN_IN_FAN_OUT
 from lightning_qlora.quant.experts import EXPERT_WEIGHT_NAMES
 
@@ -114,8 +115,11 @@ def peft_config_dict(
 
 
 def _expert_targets(root: nn.Module) -> list[str]:
-    """PEFT ``target_parameters`` entries for the adapted experts: ``experts.gate_up_proj``, ``experts.down_proj``."""
+    """PEFT ``target_parameters`` entries for the adapted experts (``experts.gate_up_proj``, ``experts.down_proj``) and
+    routers (``mlp.gate.weight``).
+    """
     from lightning_qlora.lora.experts import expert_factors, is_adapted_experts
+    from lightning_qlora.lora.router import is_adapted_router, iter_routers, peft_router_target
     from lightning_qlora.quant.experts import expert_weight_names, iter_experts
 
     found: list[str] = []
@@ -123,6 +127,7 @@ def _expert_targets(root: nn.Module) -> list[str]:
         if is_adapted_experts(module):
             short = name.rpartition(".")[2]
             found += [f"{short}.{w}" for w in expert_weight_names(module) if w in expert_factors(module)[0]]
+    found += [peft_router_target(name) for name, module in iter_routers(root) if is_adapted_router(module)]
     return list(dict.fromkeys(found))
 
 
@@ -165,11 +170,13 @@ def lora_config_from_peft(config: dict[str, Any], source: Path | str = ADAPTER_C
     if unsupported:
         raise AdapterFormatError(f"{source}: {', '.join(unsupported)} is not supported by lightning_qlora yet.")
     parameters = config.get("target_parameters") or []
-    odd = [p for p in parameters if not isinstance(p, str) or p.rpartition(".")[2] not in EXPERT_WEIGHT_NAMES]
+    odd = [p for p in parameters if not isinstance(p, str)
+           or (p.rpartition(".")[2] not in EXPERT_WEIGHT_NAMES and not is_router_target(p))]
     if odd:
         raise AdapterFormatError(
             f"{source}: target_parameters={odd!r}: lightning_qlora adapts MoE expert weights "
-            f"({', '.join(EXPERT_WEIGHT_NAMES)}) this way, not other parameters."
+            f"({', '.join(EXPERT_WEIGHT_NAMES)}) and routers (mlp.gate.weight, mlp.router.weight) this way, not "
+            "other parameters."
         )
     if "r" not in config:
         raise AdapterFormatError(f"{source}: the required field 'r' (adapter rank) is missing.")
@@ -202,7 +209,8 @@ def lora_config_from_peft(config: dict[str, Any], source: Path | str = ADAPTER_C
             use_rslora=config.get("use_rslora", False),
             use_dora=config.get("use_dora", False),
             modules_to_save=config.get("modules_to_save") or (),
-            target_experts=bool(parameters),
+            target_experts=any(not is_router_target(p) for p in parameters),
+            target_router=any(is_router_target(p) for p in parameters),
         )
     except ValueError as err:
         raise AdapterFormatError(f"{source}: {err}") from None

@@ -34,6 +34,7 @@ from lightning_qlora.lora.peft_config import (
     peft_config_dict,
     read_adapter_config,
 )
+from lightning_qlora.lora.router import adapt_router, iter_routers, load_peft_router_tensors, peft_router_tensors
 from lightning_qlora.modules import FAN_IN_FAN_OUT, adapter_root, base_linears, is_inside, linears_from_conv1d
 from lightning_qlora.quant.experts import iter_experts
 from lightning_qlora.quant.fingerprint import (
@@ -193,6 +194,9 @@ def load_adapter(
         if lora_config.target_experts:
             for _, experts_module in iter_experts(root):
                 adapt_experts(experts_module, lora_config)
+        if lora_config.target_router:
+            for _, router in iter_routers(root):
+                adapt_router(router, lora_config)
     if heads:
         train_whole(root, heads)
     _check_fingerprint(facts, root, path, strict)
@@ -203,6 +207,8 @@ def load_adapter(
     expected |= set(saved_heads)
     all_experts = list(iter_experts(root))
     expected |= {f"{PEFT_PREFIX}{k}" for name, module in all_experts for k in peft_expert_tensors(name, module)}
+    all_routers = list(iter_routers(root))
+    expected |= {f"{PEFT_PREFIX}{k}" for name, module in all_routers for k in peft_router_tensors(name, module)}
     unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
     if strict and (unknown or missing):
         raise AdapterFormatError(
@@ -238,6 +244,12 @@ def load_adapter(
                     loaded.append(name)
             except ValueError as err:
                 raise AdapterFormatError(f"{weights}: {err}") from None
+        for name, module in all_routers:
+            try:
+                if load_peft_router_tensors(name, module, unprefixed):
+                    loaded.append(name)
+            except ValueError as err:
+                raise AdapterFormatError(f"{weights}: {err}") from None
     return loaded
 
 
@@ -255,6 +267,9 @@ def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         tensors[key] = full_tensor(tensor.detach()).cpu().contiguous()
     for name, experts_module in iter_experts(root):  # per-expert adapters, in PEFT's target_parameters layout
         for key, tensor in peft_expert_tensors(name, experts_module).items():
+            tensors[f"{PEFT_PREFIX}{key}"] = full_tensor(tensor).cpu().contiguous()
+    for name, router in iter_routers(root):  # router adapters, the same way
+        for key, tensor in peft_router_tensors(name, router).items():
             tensors[f"{PEFT_PREFIX}{key}"] = full_tensor(tensor).cpu().contiguous()
     return tensors
 

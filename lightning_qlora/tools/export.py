@@ -34,6 +34,7 @@ from lightning_qlora.lora.peft_format import (
     read_adapter_config,
     read_adapter_metadata,
 )
+from lightning_qlora.lora.router import iter_routers, merged_router_weight
 from lightning_qlora.modules import FAN_IN_FAN_OUT, adapter_root, base_linears, is_adapter_parameter
 from lightning_qlora.quant.experts import expert_weight_names, iter_experts
 from lightning_qlora.quant.fingerprint import FingerprintMismatchError
@@ -114,6 +115,10 @@ def merged_state_dict(
             if rounding is not None:
                 rounding[0] += float((merged.to(dtype).float() - merged).square().sum())
                 rounding[1] += float(merged.square().sum())
+    for router_name, router in iter_routers(root):  # router weights with their adapters folded in
+        key = f"{router_name}.weight"
+        state[key] = merged_router_weight(router).to(dtype).cpu()
+        expert_weights.add(key)
     for name, param in root.named_parameters():
         owner = name.rpartition(".")[0].removesuffix(".base_layer")
         if owner in linear_names or is_adapter_parameter(name) or name in expert_weights:
