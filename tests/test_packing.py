@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from lightning_qlora import LoRAConfig, QLoRAPlugin, QuantConfig
 from lightning_qlora.app.data.chat import IGNORE_INDEX
 from lightning_qlora.app.data.packing import PackedRows, best_fit_decreasing, collate_packed
+from lightning_qlora.kernels.chunked_loss import causal_lm_loss
 from lightning_qlora.lora import iter_lora_layers
 
 
@@ -130,3 +131,40 @@ def test_packed_rows_give_the_unpacked_losses_and_adapter_gradients(arch):
     mean = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).loss
     labelled = sum(answer for _, answer in ROWS)
     torch.testing.assert_close(mean, packed_losses.sum().detach() / labelled, rtol=1e-5, atol=1e-6)
+    # The head and loss in chunks (the app's training loss) on the same packed, assistant-only batch.
+    chunked = causal_lm_loss(model, batch["labels"], input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    torch.testing.assert_close(chunked, mean, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_offloaded_blocks_and_mlp_tiles_keep_the_packed_loss_and_gradients(arch):
+    import transformers
+
+    from lightning_qlora.kernels.offload import HostOffload, offload_block_inputs
+    from lightning_qlora.kernels.tiled_mlp import tile_block_mlps
+
+    def step(long_context):
+        config, class_name = _configs()[arch]
+        torch.manual_seed(0)
+        model = getattr(transformers, class_name)(config).train()
+        QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=4, dropout=0.0)).convert_module(model)
+        for _, layer in iter_lora_layers(model):
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+        if long_context:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+            layers = list(model.model.layers)
+            offload_block_inputs(layers, HostOffload(torch.device("cpu")))
+            assert len(tile_block_mlps(layers, 5)) == len(layers)
+        rows = _rows(torch.Generator().manual_seed(1))
+        batch = collate_packed([rows], budget=sum(len(r["input_ids"]) for r in rows) + 3, pad_token_id=0)
+        loss = causal_lm_loss(model, batch["labels"], input_ids=batch["input_ids"],
+                              position_ids=batch["position_ids"])
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain_grads = step(False)
+    loss, grads = step(True)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in plain_grads.items():
+        assert float((grads[name] - grad).abs().max()) <= 1e-5 * float(grad.abs().max()) + 1e-7, name
