@@ -125,3 +125,30 @@ def test_on_cuda_the_inputs_go_to_pinned_memory_and_the_gradients_match():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-5, msg=name)
     assert offload.prefetched == 2
     assert offload.fetched_late == 1
+
+
+@pytest.mark.gpu
+def test_on_cuda_offloading_lowers_the_peak_by_the_kept_inputs():
+    device = torch.device("cuda")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
+    ids = torch.randint(1, 256, (1, 8192), device=device)
+
+    def peak(offload):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).to(device)
+        QLoRAPlugin(lora=LoRAConfig(r=8, dropout=0.0)).convert_module(model)  # bf16 compute
+        _checkpoint(model)
+        if offload:
+            offload_block_inputs(list(model.model.layers), HostOffload(device))
+        model.train()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    kept_inputs = 8 * 8192 * 512 * 2  # bf16 block inputs
+    saved = peak(False) - peak(True)
+    assert saved >= 0.5 * kept_inputs, (saved, kept_inputs)
