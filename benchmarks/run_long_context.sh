@@ -4,6 +4,7 @@
 #        peft-max:8192:65536 ours-max:131072:524288
 # ours:SEQ         bench_long_context.py with the memory plan for an 80 GiB cap (2 steps, the second timed)
 # everything:SEQ   the same with checkpointing, MLP tiles and every block offloaded (no plan)
+# once:SEQ         everything, one step (long sequences)
 # peft-max:LO:HI   max_context.py over the anchor (peft_qlora.py --shape llama3-8b --rank 32 --ckpt 1, 80 GiB cap)
 # ours-max:LO:HI   max_context.py over bench_long_context.py --everything (same cap)
 # SHAPE (default llama3-8b) and ANCHORS (default .anchors) from the environment; each try's log under $OUT/logs.
@@ -17,6 +18,7 @@ for run in "$@"; do
   case $kind in
     ours) timeout 420 $ours --seq "$a" --steps 2 > "$log" 2>&1 ;;
     everything) timeout 420 $ours --everything --seq "$a" --steps 2 > "$log" 2>&1 ;;
+    once) timeout 420 $ours --everything --seq "$a" --steps 1 > "$log" 2>&1 ;;
     peft-max) timeout 900 python "$ANCHORS/max_context.py" --lo "$a" --hi "$b" --step 8192 --timeout 240 -- \
         python "$ANCHORS/peft_qlora.py" --shape "$SHAPE" --rank 32 --ckpt 1 --steps 1 --mem-cap-gib 80 > "$log" 2>&1 ;;
     ours-max) timeout 1800 python "$ANCHORS/max_context.py" --lo "$a" --hi "$b" --step 8192 --timeout 420 -- \
