@@ -126,10 +126,11 @@ def test_a_model_without_blocks_is_converted_as_its_root():
 
 def test_the_plugin_keeps_no_state_between_calls():
     # What a conversion needs comes in as arguments (device, calibration); the plugin holds only its settings and
-    # what it reports (the summary), never values parked for a later call to find.
+    # what it reports (the summary, the memory plan), never values parked for a later call to find.
     plugin = QLoRAPlugin()
     assert set(vars(plugin)) == {
-        "quant", "lora", "compile", "resume_mismatch", "strict", "precision", "dtype", "summary", "adapters_from_checkpoint"
+        "quant", "lora", "compile", "resume_mismatch", "strict", "precision", "dtype", "summary", "adapters_from_checkpoint",
+        "memory_budget_gib", "max_batch_tokens", "memory_plan",
     }
 
 
