@@ -28,17 +28,16 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_chat import SHAPES as CHAT_SHAPES  # noqa: E402  (llama3-8b, tiny)
 
 from lightning_qlora import LoRAConfig, QLoRAPlugin  # noqa: E402
 from lightning_qlora.kernels.chunked_loss import causal_lm_loss  # noqa: E402
 
 SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256),
+    **CHAT_SHAPES,
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
 }
 GIB = 2**30
 

@@ -238,15 +238,11 @@ def load_adapter(
                     )
                 target.copy_(state[key].to(device=target.device, dtype=target.dtype))
         unprefixed = {k[len(PEFT_PREFIX):]: v for k, v in state.items() if k.startswith(PEFT_PREFIX)}
-        for name, module in all_experts:
+        parameter_targets = [(n, m, load_peft_expert_tensors) for n, m in all_experts]
+        parameter_targets += [(n, m, load_peft_router_tensors) for n, m in all_routers]
+        for name, module, load in parameter_targets:  # PEFT's target_parameters: experts, then routers
             try:
-                if load_peft_expert_tensors(name, module, unprefixed):
-                    loaded.append(name)
-            except ValueError as err:
-                raise AdapterFormatError(f"{weights}: {err}") from None
-        for name, module in all_routers:
-            try:
-                if load_peft_router_tensors(name, module, unprefixed):
+                if load(name, module, unprefixed):
                     loaded.append(name)
             except ValueError as err:
                 raise AdapterFormatError(f"{weights}: {err}") from None
