@@ -59,6 +59,23 @@ def lognormal_lengths(count: int, mean: float, cap: int, seed: int = 1) -> list[
     return torch.exp(mu + sigma * torch.randn(count, generator=generator)).clamp(16, cap).long().tolist()
 
 
+def meta_llama(config) -> nn.Module:
+    """A ``LlamaForCausalLM`` of ``config`` (SDPA attention) on the meta device, for the strategy to materialize and
+    quantize block by block: the norms' weights (ones) and the rotary tables built for real on the CPU.
+    """
+    from transformers import LlamaForCausalLM
+
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    with torch.device("cpu"):
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight = nn.Parameter(torch.ones(module.weight.shape))
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model
+
+
 class LognormalRows(LightningDataModule):
     """Random-token rows of log-normal lengths, packed into ``budget``-token rows, ``batch_size`` per step."""
 
@@ -99,18 +116,9 @@ class RandomLlama(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig
 
-        shape = dict(SHAPES[self.shape])
-        config = LlamaConfig(max_position_embeddings=8192, **shape)
-        config._attn_implementation = "sdpa"
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        with torch.device("cpu"):
-            for module in model.modules():
-                if type(module).__name__.endswith("RMSNorm"):
-                    module.weight = nn.Parameter(torch.ones(module.weight.shape))
-            model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+        model = meta_llama(LlamaConfig(max_position_embeddings=8192, **SHAPES[self.shape]))
         if self.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model

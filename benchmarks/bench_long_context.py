@@ -30,6 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_chat import SHAPES as CHAT_SHAPES  # noqa: E402  (llama3-8b, tiny)
+from bench_chat import meta_llama  # noqa: E402
 
 from lightning_qlora import LoRAConfig, QLoRAPlugin  # noqa: E402
 from lightning_qlora.kernels.chunked_loss import causal_lm_loss  # noqa: E402
@@ -54,23 +55,17 @@ class LongRow(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig
 
-        config = LlamaConfig(max_position_embeddings=max(8192, self.seq), rope_theta=500000.0, **SHAPES[self.shape])
-        config._attn_implementation = "sdpa"
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        with torch.device("cpu"):
-            for module in model.modules():
-                if type(module).__name__.endswith("RMSNorm"):
-                    module.weight = nn.Parameter(torch.ones(module.weight.shape))
-            model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+        model = meta_llama(
+            LlamaConfig(max_position_embeddings=max(8192, self.seq), rope_theta=500000.0, **SHAPES[self.shape])
+        )
         if self.everything:  # every measure at once, whatever the plan would choose (the mechanisms' own limit)
             from lightning_qlora.kernels.offload import HostOffload, offload_block_inputs
             from lightning_qlora.kernels.tiled_mlp import tile_block_mlps
+            from lightning_qlora.memory_plan import enable_checkpointing
 
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+            enable_checkpointing(model)
             layers = list(model.model.layers)
             tile_block_mlps(layers, 8192)
             offload_block_inputs(layers, HostOffload(self.trainer.strategy.root_device))

@@ -252,12 +252,7 @@ def apply_memory_plan(model: nn.Module, plan: MemoryPlan, device: torch.device) 
     blocks = [block for _, block in find_blocks(model)]
     changed = []
     if plan.checkpointing and not is_checkpointing(model):
-        enable = getattr(model, "activation_checkpointing_enable", None)  # (transformers >= 5.2x's name)
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
-        model.enable_input_require_grads()  # type: ignore[operator]
+        enable_checkpointing(model)
         changed.append("checkpointing turned on")
     if plan.mlp_tile_tokens:
         tiled = tile_block_mlps(blocks, plan.mlp_tile_tokens)
@@ -266,6 +261,20 @@ def apply_memory_plan(model: nn.Module, plan: MemoryPlan, device: torch.device) 
         offload_block_inputs(blocks[: plan.offloaded_blocks], HostOffload(device))
         changed.append(f"{plan.offloaded_blocks} blocks offloaded")
     return changed
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn transformers' activation checkpointing on for ``model`` (torch's non-reentrant checkpoint, each block).
+
+    With a frozen base, the checkpointed blocks must see an input that requires grad: the embeddings' output is made
+    to.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)  # (transformers >= 5.2x's name)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+    model.enable_input_require_grads()  # type: ignore[operator]
 
 
 def is_checkpointing(model: nn.Module) -> bool:

@@ -35,7 +35,6 @@ class _Stored:
     host: Tensor
     device: torch.device
     requires_grad: bool
-    index: int
     copied_out: Any = None  # a CUDA event: the copy to the host is done
     back: Tensor | None = None
     copied_back: Any = None  # a CUDA event: the copy back is done
@@ -69,7 +68,7 @@ class HostOffload:
         """Start copying ``tensor`` to the host; the caller may drop ``tensor`` at once."""
         self._order = [r for r in self._order if r() is not None]  # (entries of finished steps fall away)
         if self.stream is None:
-            stored = _Stored(tensor.detach().clone(), tensor.device, tensor.requires_grad, len(self._order))
+            stored = _Stored(tensor.detach().clone(), tensor.device, tensor.requires_grad)
         else:
             host = self._host_buffer(tuple(tensor.shape), tensor.dtype)
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -79,7 +78,7 @@ class HostOffload:
                 event.record(self.stream)
             # The compute stream may reuse the device memory only once the side stream has read it.
             tensor.record_stream(self.stream)
-            stored = _Stored(host, tensor.device, tensor.requires_grad, len(self._order), copied_out=event)
+            stored = _Stored(host, tensor.device, tensor.requires_grad, copied_out=event)
         self._order.append(weakref.ref(stored))
         if self.stream is not None:  # the buffer serves the next step once this one's backward is done with it
             weakref.finalize(stored, self._free.setdefault((tuple(tensor.shape), tensor.dtype), []).append,

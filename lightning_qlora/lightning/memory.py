@@ -20,10 +20,11 @@ from lightning_qlora.sharding import is_sharded
 
 
 def plan_and_apply(
-    module: nn.Module, root: nn.Module, budget_gib: float, tokens: int | None, dtype: torch.dtype
+    module: nn.Module, root: nn.Module, budget_gib: float, tokens: int | None, dtype: torch.dtype,
+    device: torch.device,
 ) -> MemoryPlan:
-    """Plan ``root`` (the converted model of LightningModule ``module``) into ``budget_gib`` for batches of
-    ``tokens`` tokens, apply the plan and log it. Sharded (FSDP) models get checkpointing only.
+    """Plan ``root`` (the converted model of LightningModule ``module``, on ``device``) into ``budget_gib`` for
+    batches of ``tokens`` tokens, apply the plan and log it. Sharded (FSDP) models get checkpointing only.
 
     Raises:
         ValueError: when the batch size is unknown (``tokens`` None), naming the fix.
@@ -39,7 +40,6 @@ def plan_and_apply(
         root, budget_gib, int(tokens), dtype=dtype, chunked_loss=bool(getattr(module, "chunked_loss", False)),
         checkpointing_on=is_checkpointing(root), offload_possible=not sharded, tiling_possible=not sharded,
     )
-    device = next((p.device for p in root.parameters()), torch.device("cpu"))
     apply_memory_plan(root, plan, device)
     rank_zero_info(plan.as_text() + ("" if not sharded else " (sharded: checkpointing only)"))
     return plan

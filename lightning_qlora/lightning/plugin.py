@@ -276,7 +276,8 @@ class QLoRAPlugin(Precision):
                     )
                 if self.memory_budget_gib is not None:
                     self.memory_plan = plan_and_apply(
-                        module, root, self.memory_budget_gib, self.max_batch_tokens or batch_tokens, self.dtype
+                        module, root, self.memory_budget_gib, self.max_batch_tokens or batch_tokens, self.dtype,
+                        _device_of(root),
                     )
                 compile = eager_for_memory_measures(root, compile)
                 self._finish(module, root, piece.summary, wanted_init and already_quantized, compile)

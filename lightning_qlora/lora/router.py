@@ -126,8 +126,7 @@ def load_peft_router_tensors(module_name: str, module: nn.Module, tensors: dict[
                 raise ValueError(f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, but the router "
                                  f"{module_name} needs {tuple(target.shape)}: the adapter was trained on another model "
                                  "or rank.")
-            factor_a, factor_b = router_factors(module)
-            (factor_a if ".lora_A." in key else factor_b).copy_(tensors[key])
+            target.copy_(tensors[key])  # (a detached view of the factor: the copy writes through)
             used.append(key)
     return used
 

@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_qlora.app.data.tokenize import IGNORE_INDEX, conversation_prompt, prompt_text
 from lightning_qlora.app.models.pretrained import causal_lm_for_fine_tuning
 from lightning_qlora.kernels.chunked_loss import causal_lm_loss
+from lightning_qlora.memory_plan import enable_checkpointing
 from lightning_qlora.optim.adamw8bit import AdamW8bit
 from lightning_qlora.optim.in_backward import OptimizerInBackward
 
@@ -78,13 +79,7 @@ class CausalLMFineTune(LightningModule):
             return
         self.model = causal_lm_for_fine_tuning(self._settings.name_or_path)
         if self._settings.gradient_checkpointing:
-            enable = getattr(self.model, "activation_checkpointing_enable", None)  # (transformers >= 5.2x's name)
-            if enable is not None:
-                enable({"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            # With a frozen base, the checkpointed blocks must see an input that requires grad.
-            self.model.enable_input_require_grads()
+            enable_checkpointing(self.model)
 
     @override
     def forward(
