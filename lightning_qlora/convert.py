@@ -212,7 +212,9 @@ def iter_converted_blocks(
         initialized.extend(_initialize(model, adapted, {**adapter_init, **block_factors}))
         return ConvertedBlock(piece_name, piece, quantized, adapted)
 
-    bar = progress_bar(None, None, f"Converting to {quant.quant_type}", unit="block", total=len(blocks) + 1)
+    # No bar over a model converted before (the app's evaluation passes it through again): nothing is converted.
+    bar = progress_bar(None, False if converted_before else None, f"Converting to {quant.quant_type}", unit="block",
+                       total=len(blocks) + 1)
     for block_name, block in blocks:
         piece = finish(block_name, block)
         _advance(bar, streamed)

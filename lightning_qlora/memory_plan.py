@@ -10,7 +10,9 @@ The estimate is the peak of allocated device memory in one step, in parts:
 - the transient of one block's recompute and backward, in which the MLP's ``tokens x intermediate`` buffers shrink
   to one tile's when the MLP is tiled;
 - the loss: the whole sequence's logits (bf16, their fp32 copy and its gradient), or one chunk's with the chunked
-  loss (:mod:`lightning_qlora.kernels.chunked_loss`).
+  loss (:mod:`lightning_qlora.kernels.chunked_loss`, which keeps only the gradient of the last block's output).
+
+The two transients (one block's backward, the loss) come one after the other: the peak holds the larger.
 
 Per-token activation bytes are fitted to saved-tensor counts of Llama blocks (``tests/test_memory_plan.py`` measures
 them): a block keeps ``e (5 hidden + 4 intermediate) + 8 hidden`` bytes a token in compute dtype of ``e`` bytes (its
@@ -87,7 +89,8 @@ class ModelShape:
         attention = str(getattr(config, "_attn_implementation", "") or "")
         model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         model_bytes += sum(state_nbytes(quant_state_of(m)) for m in model.modules() if is_quantized_linear(m))
-        linears = [m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+        # Only a 4-bit linear is dequantized in the step (a kept head, e.g. lm_head, is used as it is).
+        linears = [m.in_features * m.out_features for m in model.modules() if is_quantized_linear(m)]
         return cls(
             layers=len(blocks), hidden=int(sizes["hidden_size"]), intermediate=int(intermediate),  # type: ignore[arg-type]
             vocab=int(sizes["vocab_size"]), dtype_bytes=torch.empty((), dtype=dtype).element_size(),  # type: ignore[arg-type]
@@ -112,7 +115,7 @@ class MemoryPlan:
 
     @property
     def estimated_bytes(self) -> int:
-        return sum(self.estimate.values())
+        return peak_bytes(self.estimate)
 
     def describe_choices(self) -> str:
         parts = ["checkpointing every block" if self.checkpointing else "no checkpointing"]
@@ -158,17 +161,34 @@ def estimate_bytes(
     else:
         kept_blocks = shape.layers * per_block
         transient = e * (2 * h * t + 3 * inter * mlp_tokens)
-    # Chunked: the head's input and its stored gradient, and a chunk's fp32 logits three times over (logits,
-    # exponentials, gradient). Whole: the bf16 logits, their fp32 copy and its gradient.
-    loss = 2 * e * h * t + 3 * min(CHUNK_BYTES, 4 * shape.vocab * t) if chunked_loss else t * shape.vocab * (e + 8)
+    if chunked_loss:
+        # Kept: the gradient of the last block's output (the loss takes it in its forward, with the final norm).
+        # Transient: that output itself and a chunk's fp32 logits three times over (logits, exponentials, gradient).
+        outside = e * h * t
+        loss = e * h * t + 3 * min(CHUNK_BYTES, 4 * shape.vocab * t)
+    else:
+        # Kept: the final norm's fp32 input and the head's input. Transient: the bf16 logits, their fp32 copy and
+        # its gradient.
+        outside = (4 + e) * h * t
+        loss = t * shape.vocab * (e + 8)
     return {
         "model": shape.model_bytes,
         "optimizer": shape.trainable_params * OPTIMIZER_BYTES_PER_PARAM,
         "dequantized": 2 * e * shape.largest_linear,
-        "kept activations": kept_blocks + (3 * e + 8) * h * t,
+        "kept activations": kept_blocks + outside,
         "block transient": transient,
         "loss": loss,
     }
+
+
+#: Parts of the estimate that do not coexist: a block's backward runs after the loss's transient is gone.
+TRANSIENT_PARTS = ("block transient", "loss")
+
+
+def peak_bytes(estimate: dict[str, int]) -> int:
+    """The peak an :func:`estimate_bytes` dict stands for: the lasting parts and the larger transient."""
+    lasting = sum(v for k, v in estimate.items() if k not in TRANSIENT_PARTS)
+    return lasting + max((estimate.get(k, 0) for k in TRANSIENT_PARTS), default=0)
 
 
 def plan_memory(
@@ -201,12 +221,12 @@ def plan_memory(
     tile = mlp_tile_tokens if tiling_possible else None
     for choice in _choices(shape.layers, checkpointing_on, tile, offload_possible):
         estimate = estimate_bytes(shape, tokens, chunked_loss=chunked_loss, **choice)
-        if sum(estimate.values()) <= usable:
+        if peak_bytes(estimate) <= usable:
             return MemoryPlan(budget, tokens, chunked_loss=chunked_loss, layers=shape.layers, estimate=estimate,
                               **choice)
     most = _choice(True, tile, shape.layers if offload_possible else 0)
     fits = _largest_fitting_tokens(shape, usable, chunked_loss=chunked_loss, **most)
-    needed = sum(estimate_bytes(shape, tokens, chunked_loss=chunked_loss, **most).values()) / (1 - HEADROOM)
+    needed = peak_bytes(estimate_bytes(shape, tokens, chunked_loss=chunked_loss, **most)) / (1 - HEADROOM)
     raise MemoryBudgetError(
         f"memory_budget_gib={budget_gib} cannot hold a batch of {tokens:,} tokens: even with checkpointing"
         f"{', MLP tiles' if tile else ''} and "
@@ -233,11 +253,11 @@ def _choice(checkpointing: bool, tile: int | None, offloaded: int) -> dict[str, 
 
 def _largest_fitting_tokens(shape: ModelShape, usable: float, **choice: Any) -> int:
     lo, hi = 0, 1
-    while sum(estimate_bytes(shape, hi, **choice).values()) <= usable and hi < 2**31:
+    while peak_bytes(estimate_bytes(shape, hi, **choice)) <= usable and hi < 2**31:
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if sum(estimate_bytes(shape, mid, **choice).values()) <= usable else (lo, mid)
+        lo, hi = (mid, hi) if peak_bytes(estimate_bytes(shape, mid, **choice)) <= usable else (lo, mid)
     return lo
 
 

@@ -167,3 +167,15 @@ def test_calibrating_a_random_meta_model_is_refused(tiny_llama_config):
     lora = LoRAConfig(r=4, init_lora_weights="cloq")
     with pytest.raises(CalibrationError, match=r"built on the meta device without a checkpoint.*stream_pretrained"):
         list(iter_converted_blocks(model, QuantConfig(), lora, calibrate_on=data))
+
+
+def test_the_progress_bar_shows_for_a_conversion_and_not_for_a_model_converted_before(capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)  # 8 blocks: the smallest model that gets a bar
+    convert_model(model, QuantConfig(), LoRAConfig(r=2))
+    assert "Converting to nf4" in capsys.readouterr().err
+    convert_model(model, QuantConfig(), LoRAConfig(r=2))  # what the app's evaluation does: nothing is converted
+    assert "Converting to nf4" not in capsys.readouterr().err

@@ -36,6 +36,15 @@ def _run(setup, out, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_setup):
+    """The uninterrupted 24-step run every interrupted one is compared with (the same for each: run once)."""
+    out = tiny_setup / "reference"
+    result = _run(tiny_setup, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def _losses(path):
     losses = {}
     for line in path.read_text().splitlines():
@@ -44,9 +53,7 @@ def _losses(path):
     return losses
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_setup, tmp_path):
-    reference = _run(tiny_setup, tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_setup, reference, tmp_path):
 
     killed = _run(tiny_setup, tmp_path / "killed", "--kill-at", "10")
     assert killed.returncode == -signal.SIGKILL
@@ -57,8 +64,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_setup, tmp
     # 64 train rows packed two to a 96-token row, 2 per batch: 16 steps an epoch; step 10 is mid-epoch, and the run
     # continues into epoch 2.
     done = json.loads((tmp_path / "killed" / "done.json").read_text())
-    assert done["global_step"] == json.loads((tmp_path / "reference" / "done.json").read_text())["global_step"] == 24
-    expected, got = _losses(tmp_path / "reference" / "losses.txt"), _losses(tmp_path / "killed" / "losses.txt")
+    assert done["global_step"] == json.loads((reference / "done.json").read_text())["global_step"] == 24
+    expected, got = _losses(reference / "losses.txt"), _losses(tmp_path / "killed" / "losses.txt")
     assert sorted(got) == sorted(expected) == list(range(1, 25))
     for step in range(10, 25):
         assert abs(got[step] - expected[step]) <= 1e-4, (step, got[step], expected[step])
@@ -73,11 +80,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_setup, tmp
 
 
 @pytest.mark.parametrize(("signame", "status"), [("TERM", 143), ("INT", 130)])
-def test_sigterm_or_ctrl_c_saves_the_step_reached_exits_nonzero_and_resumes_exactly(tiny_setup, tmp_path, signame, status):
+def test_sigterm_or_ctrl_c_saves_the_step_reached_exits_nonzero_and_resumes_exactly(tiny_setup, reference, tmp_path,
+                                                                                    signame, status):
     from lightning_qlora.lora import read_adapter_metadata
 
-    reference = _run(tiny_setup, tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr[-3000:]
     # Checkpoints only every 100 steps: what survives the signal is what the stop itself saved.
     stopped = _run(tiny_setup, tmp_path / "stopped", "--kill-at", "10", "--signal", signame, "--checkpoint-every", "100")
     assert stopped.returncode == status, stopped.stderr[-3000:]
@@ -87,7 +93,7 @@ def test_sigterm_or_ctrl_c_saves_the_step_reached_exits_nonzero_and_resumes_exac
     assert read_adapter_metadata(tmp_path / "stopped" / "adapter" / "last")["global_step"] == 11
     resumed = _run(tiny_setup, tmp_path / "stopped", "--resume", "--checkpoint-every", "100")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = _losses(tmp_path / "reference" / "losses.txt"), _losses(tmp_path / "stopped" / "losses.txt")
+    expected, got = _losses(reference / "losses.txt"), _losses(tmp_path / "stopped" / "losses.txt")
     assert sorted(got) == list(range(1, 25))
     for step in range(1, 25):
         assert abs(got[step] - expected[step]) <= 1e-4, (step, got[step], expected[step])

@@ -51,8 +51,29 @@ def validate_app_config(cfg: DictConfig) -> None:
     threads = OmegaConf.select(cfg, "cpu_threads", default="auto")
     if threads not in (None, "auto") and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         problems.append(f"cpu_threads={threads!r} must be auto, null or a positive integer.")
+    problems.extend(_optimizer_in_backward_problems(cfg))
     if problems:
         raise ConfigError("The lightning-qlora config", problems)
+
+
+def _optimizer_in_backward_problems(cfg: DictConfig) -> list[str]:
+    # The strategy refuses these too, but only after the model is loaded and calibrated: here they fail at once.
+    if OmegaConf.select(cfg, "model.optimizer_in_backward", default=False) is not True:
+        return []
+    problems = []
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None)
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip:
+        problems.append(f"model.optimizer_in_backward=true steps each adapter inside backward, so "
+                        f"trainer.gradient_clip_val={clip!r} (it needs every gradient at once) must be null.")
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)
+    if isinstance(accumulate, int) and not isinstance(accumulate, bool) and accumulate > 1:
+        problems.append(f"model.optimizer_in_backward=true frees each gradient at once, so "
+                        f"trainer.accumulate_grad_batches={accumulate} must be 1 (use a larger data.batch_size).")
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default="qlora")
+    if isinstance(strategy, str) and strategy != "qlora":
+        problems.append(f"model.optimizer_in_backward=true needs trainer.strategy=qlora: {strategy} reduces "
+                        "gradients across ranks after backward, too late for a step taken inside it.")
+    return problems
 
 
 _MISSING = object()

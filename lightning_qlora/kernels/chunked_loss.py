@@ -4,7 +4,9 @@ At a 128k vocabulary a 4,096-token step's logits take 1 GiB in bf16, 2 GiB again
 in, and as much for their gradient. Here each chunk of hidden states is projected, its loss taken in fp32 and the
 gradient of that loss with respect to the chunk's hidden states (and the head's weight, when it trains) computed at
 once, in the forward; the logits of one chunk exist at a time (``chunk_tokens`` x vocabulary x 4 bytes). The
-backward only scales the stored gradient. The loss and gradients equal the plain path's to float rounding
+backward only scales the stored gradient. The model's final norm runs chunk by chunk inside it too: what the whole
+step keeps for the loss is one gradient of the last block's output, ``tokens x hidden`` in the compute dtype.
+The loss and gradients equal the plain path's to float rounding
 (``tests/test_chunked_loss.py``).
 
 :func:`causal_lm_loss` runs a transformers causal LM this way (its body, then this loss on the head), for the
@@ -14,7 +16,9 @@ do); any other model is run as it is, and the reason is logged once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,7 +43,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-        softcap: float | None, scale: float,
+        softcap: float | None, scale: float, norm: nn.Module | None,
     ) -> torch.Tensor:
         valid = labels != IGNORE_INDEX
         count = int(valid.sum())
@@ -52,6 +56,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if not bool(keep.any()):
                 continue
             h = hidden[rows][keep]
+            if norm is not None:  # the final norm of this chunk's states only, its gradient taken here too
+                pre = h.detach().requires_grad_(grad_hidden is not None)
+                with torch.enable_grad():
+                    normed = norm(pre)
+                h = normed.detach()
             target = labels[rows][keep]
             raw = (h @ weight.t()).float() * scale
             logits = torch.tanh(raw / softcap) * softcap if softcap else raw
@@ -68,7 +77,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 # Rows not taken keep a zero gradient. The gradient is cast to the hidden dtype before the matmul,
                 # as the plain path's is (its logits are bf16, its loss fp32). (A view: the write goes through.)
-                grad_hidden[rows][keep] = grad.to(hidden.dtype) @ weight
+                grad_h = grad.to(hidden.dtype) @ weight
+                if norm is not None:
+                    (grad_h,) = torch.autograd.grad(normed, pre, grad_h.to(normed.dtype))
+                grad_hidden[rows][keep] = grad_h.to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad.t() @ h.float()
         ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None))
@@ -87,14 +99,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             stored = saved.pop(0)
             grad_hidden = stored * factor.to(stored.dtype)
         grad_weight = (saved.pop(0) * factor).to(ctx.weight_dtype) if has_weight else None
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def chunked_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, softcap: float | None = None,
-    scale: float = 1.0, chunk_tokens: int | None = None,
+    scale: float = 1.0, chunk_tokens: int | None = None, norm: nn.Module | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of ``softcap(scale * hidden @ weight.T)`` against ``labels`` (``-100``: not taken),
+    """Mean cross-entropy of ``softcap(scale * norm(hidden) @ weight.T)`` against ``labels`` (``-100``: not taken),
     chunk by chunk over the tokens.
 
     Args:
@@ -104,9 +116,14 @@ def chunked_cross_entropy(
         softcap: Gemma 2/3's final logit soft-capping (``c * tanh(z / c)``), if any.
         scale: a factor on the logits (Cohere's ``logit_scale``, 1 / Granite's ``logits_scaling``).
         chunk_tokens: tokens per chunk; by default as many as keep one chunk's fp32 logits near 256 MiB.
+        norm: a per-token module with frozen parameters (the model's final norm) applied to each chunk first: the
+            whole sequence's normed states (and the fp32 copies a norm saves for backward) never exist.
     """
+    if norm is not None and any(p.requires_grad for p in norm.parameters()):
+        raise ValueError("chunked_cross_entropy(norm=...) takes a norm whose parameters are frozen; apply a "
+                         "trainable norm before the loss instead.")
     chunk = chunk_tokens or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk, softcap, scale)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk, softcap, scale, norm)
 
 
 _fallbacks_logged: set[str] = set()
@@ -129,15 +146,41 @@ def causal_lm_loss(model: nn.Module, labels: torch.Tensor, **inputs: Any) -> tor
         return model(**inputs, labels=labels).loss
     config: Any = model.config
     body: Any = model.model
-    hidden = body(**inputs).last_hidden_state
+    norm = _final_norm(body)
+    with _without(body, "norm") if norm is not None else contextlib.nullcontext():
+        hidden = body(**inputs).last_hidden_state
     head: Any = model.lm_head
     scale = float(getattr(config, "logit_scale", None) or 1.0)
     if getattr(config, "logits_scaling", None):
         scale /= float(config.logits_scaling)
     softcap = getattr(config, "final_logit_softcapping", None)
-    shifted = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = labels[:, 1:].reshape(-1).to(hidden.device)
-    return chunked_cross_entropy(shifted, head.weight, targets, softcap=softcap, scale=scale)
+    # Token t's state against token t + 1's label; each row's last state against none. (Shifting the labels, not
+    # the states: a view of the states, no copy of them.)
+    labels = labels.to(hidden.device)
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1).reshape(-1)
+    return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets, softcap=softcap,
+                                 scale=scale, norm=norm)
+
+
+def _final_norm(body: nn.Module) -> nn.Module | None:
+    """The body's final norm when the loss can apply it chunk by chunk: a module named ``norm`` (what every
+    chunkable architecture's body calls last), frozen (a trained norm stays in the body).
+    """
+    norm = getattr(body, "norm", None)
+    if not isinstance(norm, nn.Module) or any(p.requires_grad for p in norm.parameters()):
+        return None
+    return norm
+
+
+@contextlib.contextmanager
+def _without(module: nn.Module, name: str) -> Iterator[None]:
+    """``module.<name>`` as an identity for the duration (the body then returns its states before that norm)."""
+    kept = getattr(module, name)
+    setattr(module, name, nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(module, name, kept)
 
 
 def why_not_chunked(model: nn.Module) -> str | None:
