@@ -90,7 +90,8 @@ class ModelShape:
         model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         model_bytes += sum(state_nbytes(quant_state_of(m)) for m in model.modules() if is_quantized_linear(m))
         # Only a 4-bit linear is dequantized in the step (a kept head, e.g. lm_head, is used as it is).
-        linears = [m.in_features * m.out_features for m in model.modules() if is_quantized_linear(m)]
+        linears = [int(m.in_features) * int(m.out_features)  # type: ignore[arg-type]
+                   for m in model.modules() if is_quantized_linear(m)]
         return cls(
             layers=len(blocks), hidden=int(sizes["hidden_size"]), intermediate=int(intermediate),  # type: ignore[arg-type]
             vocab=int(sizes["vocab_size"]), dtype_bytes=torch.empty((), dtype=dtype).element_size(),  # type: ignore[arg-type]
