@@ -8,7 +8,8 @@ The estimate is the peak of allocated device memory in one step, in parts:
 - what the step keeps for backward: every block's activations, or with checkpointing only each block's input (none
   on the device for the offloaded blocks, but two on their way), plus the embeddings' and final norm's;
 - the transient of one block's recompute and backward, in which the MLP's ``tokens x intermediate`` buffers shrink
-  to one tile's when the MLP is tiled;
+  to one tile's when the MLP is tiled (and with the tiles, Llama-style norms keep no fp32 copy of their input:
+  :mod:`lightning_qlora.kernels.lean_norm`);
 - the loss: the whole sequence's logits (bf16, their fp32 copy and its gradient), or one chunk's with the chunked
   loss (:mod:`lightning_qlora.kernels.chunked_loss`, which keeps only the gradient of the last block's output).
 
@@ -63,6 +64,7 @@ class ModelShape:
     trainable_params: int
     largest_linear: int
     eager_attention_heads: int  # heads of an attention that builds ``tokens x tokens`` scores (0: a fused kernel)
+    lean_norms: bool = False  # every norm in the blocks is Llama's RMSNorm (kernels.lean_norm can replace them)
 
     @classmethod
     def of(cls, model: nn.Module, dtype: torch.dtype) -> ModelShape:
@@ -98,6 +100,7 @@ class ModelShape:
             model_bytes=model_bytes, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
             largest_linear=max(linears, default=0),
             eager_attention_heads=int(getattr(text, "num_attention_heads", 0) or 0) if attention == "eager" else 0,
+            lean_norms=_all_norms_lean(blocks),
         )
 
 
@@ -121,7 +124,7 @@ class MemoryPlan:
     def describe_choices(self) -> str:
         parts = ["checkpointing every block" if self.checkpointing else "no checkpointing"]
         if self.mlp_tile_tokens:
-            parts.append(f"MLPs in tiles of {self.mlp_tile_tokens:,} tokens")
+            parts.append(f"MLPs in tiles of {self.mlp_tile_tokens:,} tokens, lean norms")
         if self.offloaded_blocks:
             parts.append(f"{self.offloaded_blocks} of {self.layers} blocks' inputs offloaded to host memory")
         parts.append("chunked loss" if self.chunked_loss else "whole-sequence logits")
@@ -150,7 +153,9 @@ def estimate_bytes(
     """The peak of one training step's allocated memory, by part (see the module docstring)."""
     e, h, inter, t = shape.dtype_bytes, shape.hidden, shape.intermediate, tokens
     mlp_tokens = min(t, mlp_tile_tokens) if mlp_tile_tokens else t
-    per_block = (e * 5 * h + 8 * h) * t + e * 4 * inter * mlp_tokens
+    # The block's two norms keep their fp32 inputs, or (lean norms, set with the tiles) their inputs as they are.
+    norms = 2 * e * h if mlp_tile_tokens and shape.lean_norms else 8 * h
+    per_block = (e * 5 * h + norms) * t + e * 4 * inter * mlp_tokens
     if shape.eager_attention_heads:
         per_block += shape.eager_attention_heads * t * t * (e + 4)  # the scores and their fp32 softmax
     if checkpointing:
@@ -238,6 +243,13 @@ def plan_memory(
     )
 
 
+def _all_norms_lean(blocks: list[tuple[str, nn.Module]]) -> bool:
+    from lightning_qlora.kernels.lean_norm import is_llama_rms_norm
+
+    norms = [m for _, block in blocks for m in block.modules() if "norm" in type(m).__name__.lower()]
+    return bool(norms) and all(is_llama_rms_norm(m) for m in norms)
+
+
 def _choices(layers: int, checkpointing_on: bool, tile: int | None, offload_possible: bool) -> list[dict[str, Any]]:
     choices = [] if checkpointing_on else [_choice(False, None, 0)]
     choices.append(_choice(True, None, 0))
@@ -267,6 +279,7 @@ def apply_memory_plan(model: nn.Module, plan: MemoryPlan, device: torch.device) 
     inputs kept in host memory (the earliest blocks' inputs wait longest for backward). Returns what changed, in
     words.
     """
+    from lightning_qlora.kernels.lean_norm import use_lean_norms
     from lightning_qlora.kernels.offload import HostOffload, offload_block_inputs
     from lightning_qlora.kernels.tiled_mlp import tile_block_mlps
 
@@ -278,6 +291,8 @@ def apply_memory_plan(model: nn.Module, plan: MemoryPlan, device: torch.device) 
     if plan.mlp_tile_tokens:
         tiled = tile_block_mlps(blocks, plan.mlp_tile_tokens)
         changed.append(f"{len(tiled)} MLPs tiled")
+        lean = use_lean_norms(blocks)
+        changed.append(f"{lean} norms keep no fp32 copy")
     if plan.offloaded_blocks:
         offload_block_inputs(blocks[: plan.offloaded_blocks], HostOffload(device))
         changed.append(f"{plan.offloaded_blocks} blocks offloaded")

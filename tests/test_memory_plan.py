@@ -154,7 +154,9 @@ def test_the_plugin_plans_before_the_first_step_and_trains_the_same_adapters(tin
                                                                                                   False]
     assert planned.keys() == plain.keys()
     for name, value in planned.items():
-        torch.testing.assert_close(value, plain[name], rtol=1e-5, atol=1e-6, msg=name)
+        # (atol 1e-5: the lean norms' backward sums in another order, fp32 rounding that AdamW's step scales up;
+        # measured 2.5e-6 at one element of 256.)
+        torch.testing.assert_close(value, plain[name], rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_the_plugin_needs_to_know_the_batch_size_and_a_positive_budget(tiny_llama_config):
