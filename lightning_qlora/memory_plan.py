@@ -25,6 +25,7 @@ blocks' inputs that fits.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 #: The share of the budget the plan leaves free (the caching allocator's fragmentation, the CUDA context's buffers).
 HEADROOM = 0.1
+#: The share of the host's available memory the offloaded inputs may take.
+HOST_SHARE = 0.8
 #: Tokens per MLP tile when the plan tiles.
 MLP_TILE_TOKENS = 8192
 #: Adapter bytes per trainable parameter besides the parameter: its fp32 gradient and AdamW's two fp32 moments.
@@ -116,6 +119,7 @@ class MemoryPlan:
     chunked_loss: bool
     layers: int
     estimate: dict[str, int] = field(default_factory=dict)
+    host_bytes: int = 0  # page-locked host memory the offloaded inputs take
 
     @property
     def estimated_bytes(self) -> int:
@@ -133,9 +137,10 @@ class MemoryPlan:
     def as_text(self) -> str:
         """One line: the budget, the choices and the estimate by part (GiB)."""
         detail = ", ".join(f"{name} {value / GIB:.2f}" for name, value in self.estimate.items())
+        host = f"; host memory for the offloaded inputs {self.host_bytes / GIB:.2f} GiB" if self.host_bytes else ""
         return (
             f"Memory plan for {self.budget_bytes / GIB:.1f} GiB at {self.tokens:,} tokens a batch: "
-            f"{self.describe_choices()}; estimated peak {self.estimated_bytes / GIB:.2f} GiB ({detail})"
+            f"{self.describe_choices()}; estimated peak {self.estimated_bytes / GIB:.2f} GiB ({detail}){host}"
         )
 
     def as_metrics(self) -> dict[str, float]:
@@ -143,7 +148,8 @@ class MemoryPlan:
                 "memory_plan/budget_gib": self.budget_bytes / GIB,
                 "memory_plan/checkpointing": float(self.checkpointing),
                 "memory_plan/offloaded_blocks": float(self.offloaded_blocks),
-                "memory_plan/mlp_tile_tokens": float(self.mlp_tile_tokens or 0)}
+                "memory_plan/mlp_tile_tokens": float(self.mlp_tile_tokens or 0),
+                "memory_plan/host_gib": self.host_bytes / GIB}
 
 
 def estimate_bytes(
@@ -200,7 +206,7 @@ def peak_bytes(estimate: dict[str, int]) -> int:
 def plan_memory(
     model: nn.Module, budget_gib: float, tokens: int, *, dtype: torch.dtype = torch.bfloat16,
     chunked_loss: bool = False, checkpointing_on: bool = False, mlp_tile_tokens: int = MLP_TILE_TOKENS,
-    offload_possible: bool = True, tiling_possible: bool = True,
+    offload_possible: bool = True, tiling_possible: bool = True, host_bytes: int | None = None,
 ) -> MemoryPlan:
     """The cheapest of checkpointing, MLP tiling and offloading (in that order) whose estimated peak leaves
     ``HEADROOM`` of ``budget_gib`` free for a batch of ``tokens`` tokens.
@@ -215,6 +221,8 @@ def plan_memory(
         mlp_tile_tokens: tokens per MLP tile when tiling.
         offload_possible: whether blocks' inputs can be offloaded (transformers checkpointing layers, not sharded).
         tiling_possible: whether MLPs can run in tiles (not sharded).
+        host_bytes: host memory the offloaded inputs may take (page-locked); by default 80% of what the machine has
+            available now. Offloading that needs more is not chosen.
 
     Raises:
         MemoryBudgetError: when nothing fits, naming the largest batch that would fit with everything on.
@@ -225,11 +233,25 @@ def plan_memory(
     budget = int(budget_gib * GIB)
     usable = budget * (1 - HEADROOM)
     tile = mlp_tile_tokens if tiling_possible else None
+    host = host_bytes if host_bytes is not None else int(HOST_SHARE * available_host_bytes())
+    host_short = None
     for choice in _choices(shape.layers, checkpointing_on, tile, offload_possible):
         estimate = estimate_bytes(shape, tokens, chunked_loss=chunked_loss, **choice)
         if peak_bytes(estimate) <= usable:
+            offloaded = offloaded_bytes(shape, tokens, choice["offloaded_blocks"])
+            if offloaded > host:
+                host_short = (choice["offloaded_blocks"], offloaded)
+                break  # more offloading needs more host memory still
             return MemoryPlan(budget, tokens, chunked_loss=chunked_loss, layers=shape.layers, estimate=estimate,
-                              **choice)
+                              host_bytes=offloaded, **choice)
+    if host_short is not None:
+        blocks, offloaded = host_short
+        raise MemoryBudgetError(
+            f"memory_budget_gib={budget_gib} holds a batch of {tokens:,} tokens only with {blocks} of "
+            f"{shape.layers} blocks' inputs offloaded, {offloaded / GIB:.1f} GiB of page-locked host memory, but "
+            f"{host / GIB:.1f} GiB is all the host can spare ({HOST_SHARE:.0%} of what is available now). Lower "
+            "data.max_tokens (or rows per batch), raise the budget, or free host memory."
+        )
     most = _choice(True, tile, shape.layers if offload_possible else 0)
     fits = _largest_fitting_tokens(shape, usable, chunked_loss=chunked_loss, **most)
     needed = peak_bytes(estimate_bytes(shape, tokens, chunked_loss=chunked_loss, **most)) / (1 - HEADROOM)
@@ -248,6 +270,23 @@ def _all_norms_lean(blocks: list[tuple[str, nn.Module]]) -> bool:
 
     norms = [m for _, block in blocks for m in block.modules() if "norm" in type(m).__name__.lower()]
     return bool(norms) and all(is_llama_rms_norm(m) for m in norms)
+
+
+def offloaded_bytes(shape: ModelShape, tokens: int, offloaded_blocks: int) -> int:
+    """Host memory the offloaded blocks' inputs take: one ``tokens x hidden`` tensor each, in compute dtype."""
+    return offloaded_blocks * shape.dtype_bytes * shape.hidden * tokens
+
+
+def available_host_bytes() -> int:
+    """Memory the host can give now (Linux: ``MemAvailable``; elsewhere its free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def _choices(layers: int, checkpointing_on: bool, tile: int | None, offload_possible: bool) -> list[dict[str, Any]]:

@@ -106,6 +106,25 @@ def test_each_smaller_budget_asks_for_the_next_measure_then_a_clear_refusal():
         plan_memory(model, too_small / GIB, tokens, chunked_loss=True, offload_possible=False, tiling_possible=False)
 
 
+def test_offloading_is_chosen_only_as_far_as_the_host_memory_goes():
+    from lightning_qlora.memory_plan import available_host_bytes, offloaded_bytes
+
+    model = _converted(layers=4)
+    tokens = 4096
+    shape = ModelShape.of(model, torch.bfloat16)
+    choice = {"checkpointing": True, "mlp_tile_tokens": 512, "offloaded_blocks": 2}
+    budget = (peak_bytes(estimate_bytes(shape, tokens, chunked_loss=True, **choice)) / 0.9 + 1) / GIB
+    two_blocks = offloaded_bytes(shape, tokens, 2)
+    assert two_blocks == 2 * 2 * 128 * tokens
+    plan = plan_memory(model, budget, tokens, chunked_loss=True, mlp_tile_tokens=512, host_bytes=two_blocks)
+    assert plan.offloaded_blocks == 2 and plan.host_bytes == two_blocks
+    assert "host memory for the offloaded inputs" in plan.as_text() and plan.as_metrics()["memory_plan/host_gib"] > 0
+    with pytest.raises(MemoryBudgetError, match=r"2 of 4 blocks' inputs offloaded, 0.0 GiB of page-locked host "
+                                                r"memory, but 0.0 GiB is all the host can spare"):
+        plan_memory(model, budget, tokens, chunked_loss=True, mlp_tile_tokens=512, host_bytes=two_blocks - 1)
+    assert available_host_bytes() > 2**28  # read from the machine: this one has more than 256 MiB free
+
+
 def test_the_whole_sequence_logits_count_when_the_loss_is_not_chunked():
     model = _converted()
     shape = ModelShape.of(model, torch.bfloat16)
