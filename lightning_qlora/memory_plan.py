@@ -169,7 +169,11 @@ def estimate_bytes(
         # are gone, and two offloaded inputs are on the device (the one in use, the one on its way).
         kept_blocks = max(shape.layers - offloaded_blocks, min(2, offloaded_blocks)) * e * h * t
         # One block recomputed and taken back: its activations, the gradients of its widest ones.
-        transient = per_block + e * (2 * h * t + 3 * inter * mlp_tokens) + (e * h * t if mlp_tile_tokens else 0)
+        mlp_backward = e * (2 * h * t + 3 * inter * mlp_tokens) + (e * h * t if mlp_tile_tokens else 0)
+        # Once the MLP is bounded the attention's backward sets the peak: its inputs and gradients in SDPA's layout
+        # and the rotary temporaries, 12 x tokens x hidden in all (fitted to the Llama-3-8B shape on an H100 at 32k,
+        # 196k and 262k tokens with every block offloaded: benchmarks/NOTES.md).
+        transient = per_block + max(mlp_backward, 12 * e * h * t)
     else:
         kept_blocks = shape.layers * per_block
         transient = e * (2 * h * t + 3 * inter * mlp_tokens)

@@ -17,7 +17,9 @@ def _model(dropout=0.1, layers=3, device="cpu"):
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device)
-    plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=4, dropout=dropout))
+    # (Eager on CUDA too: a compiled block would run its own checkpoint; offload_block_inputs refuses one.)
+    plugin = QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=4, dropout=dropout),
+                         compile=False)
     plugin.convert_module(model)
     torch.manual_seed(3)
     for _, layer in iter_lora_layers(model):
@@ -137,7 +139,7 @@ def test_on_cuda_offloading_lowers_the_peak_by_the_kept_inputs():
     def peak(offload):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config).to(device)
-        QLoRAPlugin(lora=LoRAConfig(r=8, dropout=0.0)).convert_module(model)  # bf16 compute
+        QLoRAPlugin(lora=LoRAConfig(r=8, dropout=0.0), compile=False).convert_module(model)  # bf16 compute
         _checkpoint(model)
         if offload:
             offload_block_inputs(list(model.model.layers), HostOffload(device))
@@ -152,3 +154,12 @@ def test_on_cuda_offloading_lowers_the_peak_by_the_kept_inputs():
     kept_inputs = 8 * 8192 * 512 * 2  # bf16 block inputs
     saved = peak(False) - peak(True)
     assert saved >= 0.5 * kept_inputs, (saved, kept_inputs)
+
+
+def test_a_compiled_block_is_refused_with_the_fix():
+    model = _model(layers=1)
+    _checkpoint(model)
+    block = model.model.layers[0]
+    block.compile()
+    with pytest.raises(ValueError, match=r"is compiled .*QLoRAPlugin\(compile=False\)"):
+        offload_block_inputs([block], HostOffload(torch.device("cpu")))

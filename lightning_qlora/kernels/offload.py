@@ -248,8 +248,9 @@ def offload_block_inputs(blocks: Sequence[nn.Module], offload: HostOffload) -> l
     """Make each of ``blocks`` (transformers checkpointing layers, checkpointing on) keep its input on the host.
 
     Raises:
-        ValueError: for a block transformers does not checkpoint (no ``gradient_checkpointing`` switch), or one
-            whose checkpointing is off: offloading is what happens to a checkpointed block's input.
+        ValueError: for a block transformers does not checkpoint (no ``gradient_checkpointing`` switch), one
+            whose checkpointing is off (offloading is what happens to a checkpointed block's input), or a compiled
+            one.
     """
     installed = []
     for block in blocks:
@@ -262,6 +263,12 @@ def offload_block_inputs(blocks: Sequence[nn.Module], offload: HostOffload) -> l
             raise ValueError(
                 f"{type(block).__name__} is not activation-checkpointed: enable checkpointing first "
                 "(model.gradient_checkpointing_enable()), then offload its kept inputs."
+            )
+        if getattr(block, "_compiled_call_impl", None) is not None:
+            raise ValueError(
+                f"{type(block).__name__} is compiled (torch.compile): the compiled block runs its own checkpoint and "
+                "would skip the offload. Offload blocks of an eager model: QLoRAPlugin(compile=False), or let "
+                "memory_budget_gib choose (it turns compile off when it offloads)."
             )
         checkpoint = OffloadedCheckpoint(block, offload)
         block._gradient_checkpointing_func = checkpoint  # type: ignore[assignment]
