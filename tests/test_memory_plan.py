@@ -166,7 +166,7 @@ def test_the_plugin_plans_before_the_first_step_and_trains_the_same_adapters(tin
     assert plan is not None
     assert plan.checkpointing
     assert plan.offloaded_blocks == 2
-    assert "Memory plan for" in caplog.text
+    assert caplog.text.count("Memory plan for") == 1  # planned and applied once, though converted twice
     assert "2 of 4 blocks' inputs offloaded" in caplog.text
     layers = module.model.model.layers
     assert [isinstance(b._gradient_checkpointing_func, OffloadedCheckpoint) for b in layers] == [True, True, False,

@@ -18,6 +18,9 @@ from lightning_qlora.memory_plan import (
 )
 from lightning_qlora.sharding import is_sharded
 
+#: Attribute under which a planned model keeps its plan: a second conversion pass neither plans nor applies again.
+PLAN_ATTR = "_lightning_qlora_memory_plan"
+
 
 def plan_and_apply(
     module: nn.Module, root: nn.Module, budget_gib: float, tokens: int | None, dtype: torch.dtype,
@@ -30,6 +33,9 @@ def plan_and_apply(
         ValueError: when the batch size is unknown (``tokens`` None), naming the fix.
         MemoryBudgetError: when nothing fits, naming the largest batch that would.
     """
+    planned = getattr(root, PLAN_ATTR, None)
+    if isinstance(planned, MemoryPlan):
+        return planned  # converted and planned before (fit after validate, or the strategy's second pass)
     if tokens is None:
         raise ValueError(
             f"QLoRAPlugin(memory_budget_gib={budget_gib}) plans for the largest batch, but its size is unknown: pass "
@@ -41,6 +47,7 @@ def plan_and_apply(
         checkpointing_on=is_checkpointing(root), offload_possible=not sharded, tiling_possible=not sharded,
     )
     apply_memory_plan(root, plan, device)
+    setattr(root, PLAN_ATTR, plan)
     rank_zero_info(plan.as_text() + ("" if not sharded else " (sharded: checkpointing only)"))
     return plan
 
