@@ -59,15 +59,17 @@ def lognormal_lengths(count: int, mean: float, cap: int, seed: int = 1) -> list[
     return torch.exp(mu + sigma * torch.randn(count, generator=generator)).clamp(16, cap).long().tolist()
 
 
-def meta_llama(config) -> nn.Module:
-    """A ``LlamaForCausalLM`` of ``config`` (SDPA attention) on the meta device, for the strategy to materialize and
-    quantize block by block: the norms' weights (ones) and the rotary tables built for real on the CPU.
+def meta_model(config, model_class=None) -> nn.Module:
+    """A ``model_class`` (default ``LlamaForCausalLM``) of ``config`` (SDPA attention) on the meta device, for the
+    strategy to materialize and quantize block by block: the norms' weights (ones) and the rotary tables built for
+    real on the CPU.
     """
-    from transformers import LlamaForCausalLM
+    if model_class is None:
+        from transformers import LlamaForCausalLM as model_class
 
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     with torch.device("cpu"):
         for module in model.modules():
             if type(module).__name__.endswith("RMSNorm"):
@@ -118,7 +120,7 @@ class RandomLlama(LightningModule):
             return
         from transformers import LlamaConfig
 
-        model = meta_llama(LlamaConfig(max_position_embeddings=8192, **SHAPES[self.shape]))
+        model = meta_model(LlamaConfig(max_position_embeddings=8192, **SHAPES[self.shape]))
         if self.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model

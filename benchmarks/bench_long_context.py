@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_chat import SHAPES as CHAT_SHAPES  # noqa: E402  (llama3-8b, tiny)
-from bench_chat import meta_llama  # noqa: E402
+from bench_chat import meta_model  # noqa: E402
 
 from lightning_qlora import LoRAConfig, QLoRAPlugin  # noqa: E402
 from lightning_qlora.kernels.chunked_loss import causal_lm_loss  # noqa: E402
@@ -57,7 +57,7 @@ class LongRow(LightningModule):
             return
         from transformers import LlamaConfig
 
-        model = meta_llama(
+        model = meta_model(
             LlamaConfig(max_position_embeddings=max(8192, self.seq), rope_theta=500000.0, **SHAPES[self.shape])
         )
         if self.everything:  # every measure at once, whatever the plan would choose (the mechanisms' own limit)

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_chat import meta_model
 
 SHAPES = {
     "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
@@ -65,13 +67,7 @@ def run_ours(a) -> dict:
         def configure_model(self) -> None:
             if self.model is not None:
                 return
-            with torch.device("meta"):
-                model = Qwen3MoeForCausalLM(cfg)
-            with torch.device("cpu"):
-                for module in model.modules():
-                    if type(module).__name__.endswith("RMSNorm"):
-                        module.weight = nn.Parameter(torch.ones(module.weight.shape))
-                model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+            model = meta_model(cfg, Qwen3MoeForCausalLM)
             if a.ckpt:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model = model
