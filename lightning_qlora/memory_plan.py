@@ -6,7 +6,7 @@ The estimate is the peak of allocated device memory in one step, in parts:
 - the model as it is (4-bit codes and their constants, embeddings, norms, adapters), the adapters' gradients and
   AdamW moments (fp32), and one linear's dequantized weight and its gradient's scratch;
 - what the step keeps for backward: every block's activations, or with checkpointing only each block's input (none
-  on the device for the offloaded blocks, but two on their way), plus the embeddings' and final norm's;
+  on the device for the offloaded blocks, but two on their way), plus what the loss keeps (below);
 - the transient of one block's recompute and backward, in which the MLP's ``tokens x intermediate`` buffers shrink
   to one tile's when the MLP is tiled (and with the tiles, Llama-style norms keep no fp32 copy of their input:
   :mod:`lightning_qlora.kernels.lean_norm`);
@@ -34,6 +34,7 @@ from torch import nn
 
 from lightning_qlora.errors import QLoRAError
 from lightning_qlora.kernels.chunked_loss import CHUNK_BYTES
+from lightning_qlora.kernels.lean_norm import lean_norms_possible
 from lightning_qlora.modules import find_blocks
 from lightning_qlora.quant.weight import is_quantized_linear, quant_state_of, state_nbytes
 
@@ -103,7 +104,7 @@ class ModelShape:
             model_bytes=model_bytes, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
             largest_linear=max(linears, default=0),
             eager_attention_heads=int(getattr(text, "num_attention_heads", 0) or 0) if attention == "eager" else 0,
-            lean_norms=_all_norms_lean(blocks),
+            lean_norms=lean_norms_possible([block for _, block in blocks]),
         )
 
 
@@ -267,13 +268,6 @@ def plan_memory(
         f"data.max_tokens (or rows per batch) to that, or raise the budget."
         + ("" if chunked_loss else " The chunked loss (chunked_loss=True) would also save the logits.")
     )
-
-
-def _all_norms_lean(blocks: list[tuple[str, nn.Module]]) -> bool:
-    from lightning_qlora.kernels.lean_norm import is_llama_rms_norm
-
-    norms = [m for _, block in blocks for m in block.modules() if "norm" in type(m).__name__.lower()]
-    return bool(norms) and all(is_llama_rms_norm(m) for m in norms)
 
 
 def offloaded_bytes(shape: ModelShape, tokens: int, offloaded_blocks: int) -> int:

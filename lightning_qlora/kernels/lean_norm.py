@@ -80,21 +80,30 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
             and _normalized_source(cast(Hashable, type(module))) == _llama_forward_source())
 
 
+def _norms(blocks: list[nn.Module]) -> list[nn.Module]:
+    return [m for block in blocks for m in block.modules() if "norm" in type(m).__name__.lower()]
+
+
+def lean_norms_possible(blocks: list[nn.Module]) -> bool:
+    """Whether every norm inside ``blocks`` is a Llama-style RMSNorm (or lean already): all of them can be lean."""
+    norms = _norms(blocks)
+    return bool(norms) and all(getattr(m, LEAN_ATTR, False) or is_llama_rms_norm(m) for m in norms)
+
+
 def use_lean_norms(blocks: list[nn.Module]) -> int:
     """Give every Llama-style RMSNorm inside ``blocks`` the lean forward (see the module docstring); returns how
     many. The other norms are left as they are, and their classes said once.
     """
     changed, others = 0, set()
-    for block in blocks:
-        for module in block.modules():
-            if getattr(module, LEAN_ATTR, False):
-                changed += 1
-            elif is_llama_rms_norm(module):
-                module.forward = types.MethodType(_lean_forward, module)
-                setattr(module, LEAN_ATTR, True)
-                changed += 1
-            elif "norm" in type(module).__name__.lower():
-                others.add(type(module).__name__)
+    for module in _norms(blocks):
+        if getattr(module, LEAN_ATTR, False):
+            changed += 1
+        elif is_llama_rms_norm(module):
+            module.forward = types.MethodType(_lean_forward, module)
+            setattr(module, LEAN_ATTR, True)
+            changed += 1
+        else:
+            others.add(type(module).__name__)
     if others:
         log.info("Lean norms: %s left as they are (their forward is not Llama's RMSNorm)", ", ".join(sorted(others)))
     return changed
