@@ -149,7 +149,8 @@ def run_peft(a) -> dict:
 
     materialise(model)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device="cuda")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if a.peft_prepare:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if a.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -191,10 +192,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--optim", choices=["adamw", "adamw8bit", "adamw8bit-inbwd"], default="adamw", help="ours: torch's fused AdamW or "
                     "lightning_qlora.AdamW8bit (-inbwd: stepped inside backward)")
+    ap.add_argument("--no-peft-prepare", dest="peft_prepare", action="store_false", help="peft: skip "
+                    "prepare_model_for_kbit_training (which casts every weight that is not 4-bit, the fused experts "
+                    "too, to fp32): the experts stay in bf16, as a user short of memory would try next")
     a = ap.parse_args()
     torch.manual_seed(0)
     facts = run_ours(a) if a.side == "ours" else run_peft(a)
     facts.update(shape=a.shape, seq=a.seq, rank=a.rank, ckpt=a.ckpt, optim=a.optim if a.side == "ours" else "adamw")
+    if a.side == "peft":
+        facts.update(prepare_model_for_kbit_training=a.peft_prepare)
     if torch.cuda.is_available():
         facts.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2),
