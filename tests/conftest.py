@@ -60,3 +60,20 @@ def smollm2_tokenizer(smollm2_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_two_blocks(smollm2_path, tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct cut to its first two blocks, written as a checkpoint directory: its real embeddings,
+    tokenizer and chat template, a quarter of its parameters. The app's plumbing tests (sharding, signals, sweeps,
+    calibration options) run on it; the default job's test keeps the whole model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = tmp_path_factory.mktemp("smollm2-two-blocks")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(target)
+    return str(target)

@@ -51,7 +51,7 @@ class SeededInit(CausalLMModule):
         return torch.optim.AdamW(params, lr=self.lr)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--devices", type=int, default=2)
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--compute-dtype", default="fp32")
     parser.add_argument("--dora", type=int, default=0)
     parser.add_argument("--from-disk", default=None, help="a checkpoint directory streamed by stream_pretrained")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -117,6 +117,17 @@ def main() -> None:
     state = trainable_state_dict(module)  # gathered: a collective under FSDP
     torch.save(state, out / f"adapters_rank{rank}.pt")
     (out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
+
+
+def run_in_this_process(out: Path, *args: object) -> None:
+    """The one-process reference run inside the calling (test) process: the same run as the script's, without
+    another interpreter's start and imports (seconds per run on a small CPU); the thread count is restored after.
+    """
+    threads = torch.get_num_threads()
+    try:
+        main(["--out", str(out), *map(str, args)])
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

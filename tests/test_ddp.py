@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from parallel_worker import run_in_this_process
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 
@@ -23,7 +24,7 @@ def _run(out, *args):
 
 def test_ddp_adapters_match_across_ranks_and_a_single_process_on_the_same_global_batch(tmp_path):
     _run(tmp_path / "ddp", "--strategy", "qlora_ddp", "--devices", 2, "--batch", 4)
-    _run(tmp_path / "single", "--strategy", "qlora", "--devices", 1, "--batch", 8)
+    run_in_this_process(tmp_path / "single", "--strategy", "qlora", "--devices", 1, "--batch", 8)
     rank0 = torch.load(tmp_path / "ddp" / "adapters_rank0.pt")
     rank1 = torch.load(tmp_path / "ddp" / "adapters_rank1.pt")
     single = torch.load(tmp_path / "single" / "adapters_rank0.pt")

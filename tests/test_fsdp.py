@@ -21,6 +21,7 @@ from lightning_qlora.lora import LoRALinear
 from lightning_qlora.modules import find_blocks, iter_linears
 from lightning_qlora.quant import dequantize_weight, is_quantized_linear, quantize_model
 from lightning_qlora.sharding import QuantStorageMismatchError, check_quant_storage
+from parallel_worker import run_in_this_process
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 
@@ -45,7 +46,7 @@ def _max_diff(a, b):
 
 def test_fsdp_shards_base_and_adapters_and_matches_one_process_on_the_same_global_batch(tmp_path):
     _run(tmp_path / "fsdp", "--devices", 2, "--batch", 4)
-    _run(tmp_path / "single", "--devices", 1, "--batch", 8, "--strategy", "qlora")
+    run_in_this_process(tmp_path / "single", "--devices", 1, "--batch", 8, "--strategy", "qlora")
     facts = _facts(tmp_path / "fsdp")
     # Sharded for real: adapters and packed base weights are DTensors, the blocks are the FSDP units, and the packed
     # bytes are stored in the compute dtype (fp32 here) because quant_storage was "auto".
@@ -81,7 +82,7 @@ def test_fsdp_streams_a_checkpoint_from_disk_block_by_block_like_one_process(tmp
     torch.manual_seed(5)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt", max_shard_size="60KB")
     _run(tmp_path / "fsdp", "--devices", 2, "--batch", 4, "--epochs", 1, "--from-disk", tmp_path / "ckpt")
-    _run(tmp_path / "single", "--devices", 1, "--batch", 8, "--epochs", 1, "--strategy", "qlora",
+    run_in_this_process(tmp_path / "single", "--devices", 1, "--batch", 8, "--epochs", 1, "--strategy", "qlora",
          "--from-disk", tmp_path / "ckpt")
     facts = _facts(tmp_path / "fsdp")
     assert facts["sharded_base"] and facts["sharded_units"] == ["model.layers.0", "model.layers.1"]
@@ -94,7 +95,7 @@ def test_fsdp_streams_a_checkpoint_from_disk_block_by_block_like_one_process(tmp
 def test_dora_under_fsdp_matches_one_process(tmp_path):
     # DoRA's magnitude vector is a bare fp32 parameter beside the packed base inside each sharded block.
     _run(tmp_path / "fsdp", "--devices", 2, "--batch", 4, "--dora", 1)
-    _run(tmp_path / "single", "--devices", 1, "--batch", 8, "--strategy", "qlora", "--dora", 1)
+    run_in_this_process(tmp_path / "single", "--devices", 1, "--batch", 8, "--strategy", "qlora", "--dora", 1)
     sharded = torch.load(tmp_path / "fsdp" / "adapters_rank0.pt")
     single = torch.load(tmp_path / "single" / "adapters_rank0.pt")
     assert len(sharded) == 42 and sum("lora_magnitude_vector" in k for k in sharded) == 14
