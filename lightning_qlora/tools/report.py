@@ -7,7 +7,8 @@
 For every linear layer and every format it measures the reconstruction error (mean over layers of the mean
 absolute and the relative Frobenius error) and the bits per parameter of the bytes actually stored (packed codes +
 absmax + nested statistics and code books). For a causal LM it also measures the held-out perplexity on Jargon File
-answers in bf16 and in each format. Writes ``report.md``, ``report.json`` and ``report.png``.
+answers unquantized and in each format, all computing in bf16 (``--dtype fp32``: in fp32, what a CPU without bf16
+matrix instructions trains in, several times faster there). Writes ``report.md``, ``report.json`` and ``report.png``.
 """
 
 from __future__ import annotations
@@ -67,14 +68,18 @@ def weight_report(
 
 
 @torch.no_grad()
-def perplexities(model_path: str, batches: list[dict[str, torch.Tensor]], blocksize: int = 64) -> dict[str, float]:
-    """Held-out perplexity (response tokens) of the causal LM in bf16 and in each format, all computing in bf16."""
+def perplexities(model_path: str, batches: list[dict[str, torch.Tensor]], blocksize: int = 64,
+                 dtype: str = "bf16") -> dict[str, float]:
+    """Held-out perplexity (response tokens) of the causal LM unquantized (key ``dtype``) and in each format, all
+    computing in ``dtype`` (``"bf16"`` or ``"fp32"``).
+    """
     from lightning_qlora.app.models.pretrained import load_causal_lm
     from lightning_qlora.config import QuantConfig, QuantType
     from lightning_qlora.quant.quantize import quantize_model
 
     results = {}
-    for fmt in ("bf16", *FORMATS):
+    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    for fmt in (dtype, *FORMATS):
         model = load_causal_lm(model_path).eval()
         if fmt in ("nf4", "nf4-dq", "fp4"):
             quant_type: QuantType = "fp4" if fmt == "fp4" else "nf4"
@@ -82,7 +87,7 @@ def perplexities(model_path: str, batches: list[dict[str, torch.Tensor]], blocks
             quantize_model(model, quant, progress=False)
         elif fmt in ("int4", "int8"):
             fake_quantize_linears(model, fmt, blocksize)
-        model.to(torch.bfloat16)
+        model.to(compute)
         results[fmt] = _perplexity(model, batches)
         del model
     return results
@@ -121,8 +126,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         "| format | mean abs error | relative error | bits/param (stored) | held-out perplexity |",
         "|---|---|---|---|---|",
     ]
-    if "bf16" in ppl:
-        lines.append(f"| bf16 (reference) | 0 | 0 | 16 | {ppl['bf16']:.3f} |")
+    reference = results.get("compute_dtype", "bf16")
+    if reference in ppl:
+        bits = 16 if reference == "bf16" else 32
+        lines.append(f"| {reference} (reference) | 0 | 0 | {bits} | {ppl[reference]:.3f} |")
     for fmt, row in weights.items():
         p = f"{ppl[fmt]:.3f}" if fmt in ppl else "n/a (not a causal LM)"
         lines.append(
@@ -150,8 +157,9 @@ def _plot(results: dict[str, Any], path: Path) -> None:
         ax.bar(formats, values, color=["tab:blue", "tab:cyan", "tab:orange", "tab:red", "tab:gray"][: len(formats)])
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
-        if title == "held-out perplexity" and "bf16" in ppl:
-            ax.axhline(ppl["bf16"], color="black", linestyle="--", linewidth=1, label="bf16")
+        reference = results.get("compute_dtype", "bf16")
+        if title == "held-out perplexity" and reference in ppl:
+            ax.axhline(ppl[reference], color="black", linestyle="--", linewidth=1, label=reference)
             ax.legend()
     fig.suptitle(f"4-bit formats on {results['model']}")
     fig.tight_layout()
@@ -188,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output directory (default: reports/<model>)")
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--eval-rows", type=int, default=64, help="held-out Jargon rows for perplexity (0: skip)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="the perplexity passes' compute dtype (fp32: several times faster on CPUs without bf16 "
+                             "matrix instructions)")
     args = parser.parse_args(argv)
 
     require("rich", "lightning-qlora-report")
@@ -209,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     ppl = None
     if causal and args.eval_rows > 0:
         batches = held_out_batches(path, args.eval_rows)
-        with console.status(f"Held-out perplexity in bf16 and {len(FORMATS)} formats ({args.eval_rows} rows each)"):
-            ppl = perplexities(path, batches, args.blocksize)
+        with console.status(f"Held-out perplexity in {args.dtype}, unquantized and in {len(FORMATS)} formats "
+                            f"({args.eval_rows} rows each)"):
+            ppl = perplexities(path, batches, args.blocksize, args.dtype)
     results = {
         "model": args.model,
         "command": "lightning-qlora-report " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -218,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "blocksize": args.blocksize,
         "weights": weights,
         "perplexity": ppl,
+        "compute_dtype": args.dtype,
         "note": _GGUF_NOTE if args.model.lower() == DEFAULT_MODEL else "",
         "seconds": time.perf_counter() - started,
     }

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from lightning_qlora._atomic import atomic_directory
+from lightning_qlora._atomic import atomic_directory, cache_lock
 from lightning_qlora._paths import cache_dir
 from lightning_qlora.app.data.examples import Example
 from lightning_qlora.errors import QLoRAError
@@ -52,7 +52,11 @@ def find_jargon_file(path: str | os.PathLike | None = None, fetch: bool = True) 
             return candidate
     if not fetch:
         raise JargonUnavailableError(_missing_message("fetching is disabled"))
-    return _fetch_debian_package(cache_dir() / "jargon")
+    target = cache_dir() / "jargon"
+    with cache_lock(target):  # several processes may ask at once: one fetches, the others wait and read its copy
+        if (target / _PACKAGE_FILE).is_file():
+            return target / _PACKAGE_FILE
+        return _fetch_debian_package(target)
 
 
 def load_jargon(path: str | os.PathLike | None = None) -> list[Example]:

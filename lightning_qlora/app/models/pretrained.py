@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lightning_qlora._atomic import atomic_directory
+from lightning_qlora._atomic import atomic_directory, cache_lock
 from lightning_qlora._imports import require
 from lightning_qlora._paths import cache_dir
 from lightning_qlora.errors import QLoRAError
@@ -53,9 +53,15 @@ def resolve_pretrained(name_or_path: str) -> str:
     package, display = GGUF_PACKAGES[name_or_path.lower()]
     gguf = find_packaged_gguf(package)
     target = cache_dir() / "models" / f"{display}-{gguf.stem.rsplit('.', 1)[-1]}"
-    if not (target / "config.json").is_file() or not any(target.glob("*.safetensors")):
-        convert_gguf(gguf, target, display)
+    if not _is_converted(target):
+        with cache_lock(target):  # several processes may ask at once: one converts, the others wait for it
+            if not _is_converted(target):
+                convert_gguf(gguf, target, display)
     return str(target)
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
 
 
 def find_packaged_gguf(package: str = SMOLLM2_PACKAGE) -> Path:
