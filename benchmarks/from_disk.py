@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--trace-anon", action="store_true", help="host anonymous memory after each converted block")
     parser.add_argument("--no-prefetch", action="store_true", help="read each weight on the main thread (A/B)")
+    parser.add_argument("--profile", default=None, help="write a cProfile of everything up to the first step here "
+                        "(pstats file; the 25 largest cumulative entries go to stderr)")
     args = parser.parse_args()
     if args.no_prefetch:
         from lightning_qlora.quant.streaming import StreamedWeights
@@ -78,18 +80,27 @@ def main() -> None:
 
     cuda = args.accelerator == "gpu"
     trace: list[float] = []
-    if args.trace_anon:  # wrap the recipe the plugin runs: where does host memory grow?
-        import lightning_qlora.lightning.plugin as plugin_module
-
-        recipe = plugin_module.iter_converted_blocks
-
-        def traced(*a, **k):
-            for piece in recipe(*a, **k):
-                trace.append(round(_anon_now(), 2))
-                yield piece
-
-        plugin_module.iter_converted_blocks = traced
     marks: dict[str, float] = {}
+    # Wrap the recipe the plugin runs: when conversion starts and ends (the phases before the first step) and, with
+    # --trace-anon, where host memory grows.
+    import lightning_qlora.lightning.plugin as plugin_module
+
+    recipe = plugin_module.iter_converted_blocks
+
+    def traced(*a, **k):
+        marks.setdefault("convert_start_s", time.time() - started)
+        for piece in recipe(*a, **k):
+            if args.trace_anon:
+                trace.append(round(_anon_now(), 2))
+            yield piece
+        marks["convert_end_s"] = time.time() - started
+
+    plugin_module.iter_converted_blocks = traced
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
 
     class Clock(Callback):
         def on_train_start(self, trainer, pl_module):
@@ -98,6 +109,8 @@ def main() -> None:
             marks["loaded_s"] = time.time() - started
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if profiler is not None and "first_step_s" not in marks:
+                profiler.disable()
             marks.setdefault("first_step_s", time.time() - started)
             marks.setdefault("losses", [])
             marks["losses"].append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
@@ -106,9 +119,12 @@ def main() -> None:
         torch.cuda.init()
         torch.zeros(1, device="cuda")  # the CUDA context, before the clock starts (the anchor's is made in its load)
     marks["anon_before_load"] = _anon_now()
+    if profiler is not None:
+        profiler.enable()
     started = time.time()
     kind = FirstBlocks if args.layers else CausalLMFineTune
     module = kind(name_or_path=args.dir, lr=1e-4, warmup_steps=0, gradient_checkpointing=True)
+    marks["module_s"] = time.time() - started
     config = json.loads((Path(args.dir) / "config.json").read_text())
     generator = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, config["vocab_size"], (args.seq,), generator=generator) for _ in range(args.steps)]
@@ -120,7 +136,13 @@ def main() -> None:
         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Clock()],
     )
+    marks["trainer_s"] = time.time() - started
     trainer.fit(module, train_dataloaders=loader)
+    if profiler is not None:
+        import pstats
+
+        profiler.dump_stats(args.profile)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
     print(json.dumps({
         "system": "lightning_qlora stream_pretrained + Trainer(strategy='qlora')", "dir": Path(args.dir).name,
         "layers": args.layers or config["num_hidden_layers"], "seq": args.seq, "rank": args.rank,
@@ -132,6 +154,9 @@ def main() -> None:
         "host_anon_after_load_gib": round(marks.get("anon_after_load", 0.0), 2),
         "loaded_s": round(marks.get("loaded_s", 0.0), 1), "first_step_s": round(marks.get("first_step_s", 0.0), 1),
         "losses": marks.get("losses"), "prefetch": not args.no_prefetch,
+        # Seconds from the clock's start: the module and the Trainer built, conversion's first and last block.
+        "phases_s": {k: round(marks[k], 2) for k in ("module_s", "trainer_s", "convert_start_s", "convert_end_s",
+                                                     "loaded_s", "first_step_s") if k in marks},
         **({"anon_per_block_gib": trace} if args.trace_anon else {}),
     }), flush=True)
 

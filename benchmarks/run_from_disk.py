@@ -48,7 +48,11 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--trace-anon", action="store_true")
     parser.add_argument("--also-no-prefetch", action="store_true", help="ours without prefetch too, at the first seq")
+    parser.add_argument("--profile-dir", default=None, help="ours also writes a cProfile up to its first step here, "
+                        "one <shape>-<seq>.pstats per run (where the seconds before the first step go)")
     args = parser.parse_args()
+    if args.profile_dir:
+        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
     extra = ["--trace-anon"] if args.trace_anon else []
     out = Path(args.out)
     anchor = str(Path(args.anchors) / "peft_from_disk.py")
@@ -69,8 +73,9 @@ def main() -> None:
             if not args.no_anchor:
                 emit({"shape": shape, "side": "peft", **_run([sys.executable, anchor, "run", str(directory),
                                                                "--seq", str(seq)], args.timeout)})
+            profile = ["--profile", str(Path(args.profile_dir) / f"{shape}-{seq}.pstats")] if args.profile_dir else []
             emit({"shape": shape, "side": "ours", **_run([sys.executable, str(HERE / "from_disk.py"), str(directory),
-                                                           "--seq", str(seq), *extra], args.timeout)})
+                                                           "--seq", str(seq), *extra, *profile], args.timeout)})
         if args.also_no_prefetch:
             emit({"shape": shape, "side": "ours", **_run([sys.executable, str(HERE / "from_disk.py"), str(directory),
                                                            "--seq", args.seqs.split(",")[0], "--no-prefetch"],
