@@ -107,6 +107,52 @@ def test_expert_adapters_get_the_gradients_of_the_merged_weights(arch):
     assert originals
 
 
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_experts_past_the_scratch_limit_are_unpacked_in_chunks_with_the_same_outputs_and_gradients(arch, monkeypatch):
+    # (DeepSeek-V3's 256 experts unpack to 14 GiB a projection whole.) Past EXPERT_SCRATCH_BYTES the frozen matmul
+    # unpacks a few experts at a time; outputs and gradients must not change.
+    import lightning_qlora.lora.experts as lora_experts
+    from lightning_qlora.quant.experts import expert_shape, expert_weight_range
+
+    model = moe_model(arch)
+    _convert(model, QuantConfig(compute_dtype="fp32"))
+    _perturb(model)
+    experts = model.model.layers[-1].mlp.experts
+    for name in expert_weight_names(experts):  # a range unpacks exactly those experts' values
+        whole = expert_weight(experts, name, torch.float32)
+        assert torch.equal(expert_weight_range(experts, name, torch.float32, 1, 3), whole[1:3])
+    hidden = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    index = torch.randint(0, 4, (16, 2), generator=torch.Generator().manual_seed(5))
+    index[:, 0] = index[:, 0].clamp(max=2)  # (an expert may get no rows: the 4th only from the second choice)
+    weights = torch.rand(16, 2, generator=torch.Generator().manual_seed(6))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        leaf = hidden.clone().requires_grad_()
+        out = experts(leaf, index, weights)
+        out.square().sum().backward()
+        factor_a, factor_b = expert_factors(experts)
+        return out.detach(), leaf.grad, {n: (factor_a[n].grad, factor_b[n].grad) for n in factor_a}
+
+    whole_out, whole_grad, whole_factors = step()
+    unpacked = []
+    real_range = lora_experts.expert_weight_range
+    monkeypatch.setattr(lora_experts, "expert_weight_range",
+                        lambda *a, **k: unpacked.append(real_range(*a, **k).shape[0]) or real_range(*a, **k))
+    monkeypatch.setattr(lora_experts, "expert_weight", lambda *a, **k: pytest.fail("unpacked whole"))
+    sizes = sorted(expert_shape(experts, n)[1] * expert_shape(experts, n)[2] for n in expert_weight_names(experts))
+    monkeypatch.setattr(lora_experts, "EXPERT_SCRATCH_BYTES", 2 * sizes[0] * 4)  # 2 experts of the smaller, fp32
+    chunked_out, chunked_grad, chunked_factors = step()
+    # The smaller weight in chunks of 2 experts (the second's row groups counted from its own first row), the larger
+    # (twice the size) one expert at a time.
+    assert max(unpacked) == 2 and min(unpacked) == 1 and sizes[-1] == 2 * sizes[0]
+    torch.testing.assert_close(chunked_out, whole_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked_grad, whole_grad, atol=1e-6, rtol=1e-6)
+    for name, (a, b) in whole_factors.items():
+        torch.testing.assert_close(chunked_factors[name][0], a, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(chunked_factors[name][1], b, atol=1e-6, rtol=1e-6)
+
+
 # PEFT 0.21 reads target_modules 'gate_proj'/'up_proj'/'down_proj' of DeepSeek-V3 (and other types it converts from
 # transformers 4's per-expert layout) as the experts' old names: adapters on its dense and shared-expert MLPs do not
 # load there (README). Our own load does.

@@ -21,12 +21,24 @@ import torch
 from torch import nn
 
 from lightning_qlora.config import LoRAConfig
-from lightning_qlora.quant.experts import expert_shape, expert_weight, expert_weight_names
+from lightning_qlora.quant.experts import (
+    expert_absmax,
+    expert_shape,
+    expert_weight,
+    expert_weight_names,
+    expert_weight_range,
+    experts_per_chunk,
+)
 
 log = logging.getLogger(__name__)
 
 # Attributes an adapted experts module carries (its adapters live in the ParameterDicts ``lora_A`` / ``lora_B``).
 _SCALING = "lora_scaling"
+# The most bytes one experts weight is unpacked into at once. Past it the experts are unpacked and multiplied in
+# chunks (DeepSeek-V3's 256 experts: 14 GiB a projection unpacked whole), which needs the group offsets on the host:
+# one synchronization per projection, so smaller weights (Qwen3-30B-A3B's largest: 0.75 GiB) stay sync-free, as CUDA
+# graphs need.
+EXPERT_SCRATCH_BYTES = 2**30
 
 
 def is_adapted_experts(module: nn.Module) -> bool:
@@ -141,17 +153,62 @@ class _FrozenGroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, offsets: torch.Tensor, module: nn.Module, name: str, transposed: bool
                 ) -> torch.Tensor:
-        weight = expert_weight(module, name, x.dtype)
         ctx.save_for_backward(offsets)
         ctx.module, ctx.name, ctx.transposed = module, name, transposed
-        return _grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offsets)
+        return _frozen_experts_matmul(x, offsets, module, name, flip=not transposed)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         (offsets,) = ctx.saved_tensors
-        weight = expert_weight(ctx.module, ctx.name, grad.dtype)
-        grad_x = _grouped_mm(grad.contiguous(), weight.transpose(-2, -1) if ctx.transposed else weight, offsets)
+        grad_x = _frozen_experts_matmul(grad.contiguous(), offsets, ctx.module, ctx.name, flip=ctx.transposed)
         return grad_x, None, None, None, None
+
+
+def _frozen_experts_matmul(x: torch.Tensor, offsets: torch.Tensor, module: nn.Module, name: str, flip: bool
+                           ) -> torch.Tensor:
+    """``x`` row group ``g`` times expert ``g``'s weight (transposed when ``flip``), the weight unpacked whole or, past
+    :data:`EXPERT_SCRATCH_BYTES`, in chunks of experts (never while compiling or capturing a CUDA graph: whole then,
+    logged once).
+    """
+    experts = expert_shape(module, name)[0]
+    per_chunk = experts_per_chunk(module, name, x.dtype, EXPERT_SCRATCH_BYTES)
+    if per_chunk < experts and _cannot_sync(x):
+        _log_whole_once(name, tuple(expert_shape(module, name)))
+        per_chunk = experts
+    if per_chunk >= experts:
+        weight = expert_weight(module, name, x.dtype)
+        return _grouped_mm(x, weight.transpose(-2, -1) if flip else weight, offsets)
+    ends = offsets.tolist()  # the chunks' row ranges: one host synchronization
+    absmax = expert_absmax(module, name)
+    out: torch.Tensor | None = None
+    for start in range(0, experts, per_chunk):
+        end = min(start + per_chunk, experts)
+        first, last = (ends[start - 1] if start else 0), ends[end - 1]
+        if last <= first:
+            continue
+        weight = expert_weight_range(module, name, x.dtype, start, end, absmax)
+        weight = weight.transpose(-2, -1) if flip else weight
+        if out is None:
+            out = x.new_zeros(x.shape[0], weight.shape[-1])  # rows past the last offset stay zero, as grouped_mm's
+        out[first:last] = _grouped_mm(x[first:last], weight, offsets[start:end] - first)
+        del weight
+    if out is None:
+        shape = expert_shape(module, name)
+        out = x.new_zeros(x.shape[0], shape[1] if flip else shape[2])
+    return out
+
+
+def _cannot_sync(x: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+@functools.cache
+def _log_whole_once(name: str, shape: tuple[int, ...]) -> None:
+    log.warning("Experts weight %s %s is unpacked whole (more than %.2f GiB at once): its chunked path needs a host "
+                "synchronization, which compiled code and CUDA graphs cannot take; compile=False bounds it.",
+                name, list(shape), EXPERT_SCRATCH_BYTES / 2**30)
 
 
 def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

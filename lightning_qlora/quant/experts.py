@@ -76,6 +76,60 @@ def expert_weight(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Ten
     return bitsandbytes.functional.dequantize_4bit(param.data, state).to(dtype).view(expert_shape(module, name))
 
 
+def expert_absmax(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The fp32 scale of every block of packed expert weight ``name`` (double quant undone: a 64th of the values, in
+    fp32), for :func:`expert_weight_range`; ``None`` for an unpacked weight.
+    """
+    param = module._parameters[name]
+    state = getattr(param, "quant_state", None)
+    if state is None:
+        return None
+    if not state.nested:
+        return state.absmax.float()
+    import bitsandbytes.functional
+
+    return (bitsandbytes.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+
+def expert_weight_range(module: nn.Module, name: str, dtype: torch.dtype, start: int, end: int,
+                        absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Experts ``start:end`` of weight ``name`` as ``[end - start, rows, columns]`` in ``dtype``: only their values
+    are unpacked (``absmax``: :func:`expert_absmax`, computed once for several ranges). Each expert's matrix must
+    fill whole blocks (:func:`experts_per_chunk` checks it).
+    """
+    param = module._parameters[name]
+    assert param is not None
+    state = getattr(param, "quant_state", None)
+    if state is None:
+        return param[start:end].to(dtype)
+    import bitsandbytes.functional
+
+    _, rows, columns = expert_shape(module, name)
+    per_expert = rows * columns
+    first, last = start * per_expert, end * per_expert
+    scales = expert_absmax(module, name) if absmax is None else absmax
+    assert scales is not None
+    packed = param.data.view(torch.uint8).reshape(-1)[first // 2 : last // 2].reshape(-1, 1)
+    functional = bitsandbytes.functional
+    chunk = functional.QuantState(absmax=scales[first // state.blocksize : last // state.blocksize],
+                                  shape=torch.Size([end - start, rows, columns]), dtype=state.dtype,
+                                  blocksize=state.blocksize, quant_type=state.quant_type, code=state.code)
+    return functional.dequantize_4bit(packed, chunk).to(dtype)
+
+
+def experts_per_chunk(module: nn.Module, name: str, dtype: torch.dtype, max_bytes: int) -> int:
+    """How many experts of packed weight ``name`` to unpack at once so that the unpacked chunk stays within
+    ``max_bytes``: all of them when the whole weight fits, or when it is not packed, or when an expert's matrix does
+    not fill whole blocks (a toy shape: no released MoE has one).
+    """
+    experts, rows, columns = expert_shape(module, name)
+    state = getattr(module._parameters[name], "quant_state", None)
+    per_expert_bytes = rows * columns * dtype.itemsize
+    if state is None or experts * per_expert_bytes <= max_bytes or (rows * columns) % state.blocksize:
+        return experts
+    return max(1, max_bytes // per_expert_bytes)
+
+
 @dataclass
 class ExpertsReport:
     """What quantizing the experts did: names, values and bytes (the 3-D weights only; biases stay as they are)."""
