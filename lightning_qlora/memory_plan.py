@@ -36,6 +36,7 @@ from lightning_qlora.errors import QLoRAError
 from lightning_qlora.kernels.chunked_loss import CHUNK_BYTES
 from lightning_qlora.kernels.lean_norm import lean_norms_possible
 from lightning_qlora.modules import find_blocks
+from lightning_qlora.quant.experts import expert_shape, expert_weight_names, experts_per_chunk, iter_experts
 from lightning_qlora.quant.weight import is_quantized_linear, quant_state_of, state_nbytes
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,17 @@ class ModelShape:
         attention = str(getattr(config, "_attn_implementation", "") or "")
         model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         model_bytes += sum(state_nbytes(quant_state_of(m)) for m in model.modules() if is_quantized_linear(m))
-        # Only a 4-bit linear is dequantized in the step (a kept head, e.g. lm_head, is used as it is).
+        # Only a 4-bit linear is dequantized in the step (a kept head, e.g. lm_head, is used as it is); a packed
+        # experts weight as many experts at a time as its chunks hold.
         linears = [int(m.in_features) * int(m.out_features)  # type: ignore[arg-type]
                    for m in model.modules() if is_quantized_linear(m)]
+        for _, experts in iter_experts(model):
+            for name in expert_weight_names(experts):
+                state = getattr(experts._parameters[name], "quant_state", None)
+                if state is not None:
+                    model_bytes += state_nbytes(state)
+                    _, rows, columns = expert_shape(experts, name)
+                    linears.append(experts_per_chunk(experts, name, dtype) * rows * columns)
         return cls(
             layers=len(blocks), hidden=int(sizes["hidden_size"]), intermediate=int(intermediate),  # type: ignore[arg-type]
             vocab=int(sizes["vocab_size"]), dtype_bytes=torch.empty((), dtype=dtype).element_size(),  # type: ignore[arg-type]

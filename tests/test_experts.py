@@ -112,6 +112,7 @@ def test_experts_past_the_scratch_limit_are_unpacked_in_chunks_with_the_same_out
     # (DeepSeek-V3's 256 experts unpack to 14 GiB a projection whole.) Past EXPERT_SCRATCH_BYTES the frozen matmul
     # unpacks a few experts at a time; outputs and gradients must not change.
     import lightning_qlora.lora.experts as lora_experts
+    import lightning_qlora.quant.experts as quant_experts
     from lightning_qlora.quant.experts import expert_shape, expert_weight_range
 
     model = moe_model(arch)
@@ -141,7 +142,7 @@ def test_experts_past_the_scratch_limit_are_unpacked_in_chunks_with_the_same_out
                         lambda *a, **k: unpacked.append(real_range(*a, **k).shape[0]) or real_range(*a, **k))
     monkeypatch.setattr(lora_experts, "expert_weight", lambda *a, **k: pytest.fail("unpacked whole"))
     sizes = sorted(expert_shape(experts, n)[1] * expert_shape(experts, n)[2] for n in expert_weight_names(experts))
-    monkeypatch.setattr(lora_experts, "EXPERT_SCRATCH_BYTES", 2 * sizes[0] * 4)  # 2 experts of the smaller, fp32
+    monkeypatch.setattr(quant_experts, "EXPERT_SCRATCH_BYTES", 2 * sizes[0] * 4)  # 2 experts of the smaller, fp32
     chunked_out, chunked_grad, chunked_factors = step()
     # The smaller weight in chunks of 2 experts (the second's row groups counted from its own first row), the larger
     # (twice the size) one expert at a time.

@@ -206,3 +206,23 @@ def test_offloaded_blocks_turn_compile_off_and_say_so(tiny_llama_config, caplog)
     assert "eager: activation offloading (2 blocks) run outside torch.compile" in caplog.text
     assert all(getattr(b, "_compiled_call_impl", None) is None for b in model.model.layers)
     assert all(isinstance(b._gradient_checkpointing_func, OffloadedCheckpoint) for b in model.model.layers)
+
+
+def test_the_plan_counts_packed_experts_and_the_chunk_they_unpack_into(monkeypatch):
+    import lightning_qlora.quant.experts as quant_experts
+    from moe_configs import moe_model
+
+    model = moe_model("qwen3_moe")
+    QLoRAPlugin(quant=QuantConfig(compute_dtype="fp32"), lora=LoRAConfig(r=4, dropout=0.0)).convert_module(model)
+    experts = model.model.layers[0].mlp.experts
+    _, rows, columns = quant_experts.expert_shape(experts, "gate_up_proj")
+    values = rows * columns  # one expert's gate_up: 4 of them are this model's largest unpacked weight
+    assert ModelShape.of(model, torch.float32).largest_linear == 4 * values  # 4 experts at once
+    monkeypatch.setattr(quant_experts, "EXPERT_SCRATCH_BYTES", 2 * values * 4)  # two experts' fp32 values
+    shape = ModelShape.of(model, torch.float32)
+    assert shape.largest_linear == 2 * values
+    states = sum(quant_experts.state_nbytes(e._parameters[n].quant_state) for _, e in quant_experts.iter_experts(model)
+                 for n in quant_experts.expert_weight_names(e))
+    packed = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    assert states > 0 and shape.model_bytes >= packed + states

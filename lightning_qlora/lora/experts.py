@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.config import LoRAConfig
+from lightning_qlora.quant import experts as quant_experts
 from lightning_qlora.quant.experts import (
     expert_absmax,
     expert_shape,
@@ -34,11 +35,6 @@ log = logging.getLogger(__name__)
 
 # Attributes an adapted experts module carries (its adapters live in the ParameterDicts ``lora_A`` / ``lora_B``).
 _SCALING = "lora_scaling"
-# The most bytes one experts weight is unpacked into at once. Past it the experts are unpacked and multiplied in
-# chunks (DeepSeek-V3's 256 experts: 14 GiB a projection unpacked whole), which needs the group offsets on the host:
-# one synchronization per projection, so smaller weights (Qwen3-30B-A3B's largest: 0.75 GiB) stay sync-free, as CUDA
-# graphs need.
-EXPERT_SCRATCH_BYTES = 2**30
 
 
 def is_adapted_experts(module: nn.Module) -> bool:
@@ -171,7 +167,7 @@ def _frozen_experts_matmul(x: torch.Tensor, offsets: torch.Tensor, module: nn.Mo
     logged once).
     """
     experts = expert_shape(module, name)[0]
-    per_chunk = experts_per_chunk(module, name, x.dtype, EXPERT_SCRATCH_BYTES)
+    per_chunk = experts_per_chunk(module, name, x.dtype)
     if per_chunk < experts and _cannot_sync(x):
         _log_whole_once(name, tuple(expert_shape(module, name)))
         per_chunk = experts
@@ -208,7 +204,7 @@ def _cannot_sync(x: torch.Tensor) -> bool:
 def _log_whole_once(name: str, shape: tuple[int, ...]) -> None:
     log.warning("Experts weight %s %s is unpacked whole (more than %.2f GiB at once): its chunked path needs a host "
                 "synchronization, which compiled code and CUDA graphs cannot take; compile=False bounds it.",
-                name, list(shape), EXPERT_SCRATCH_BYTES / 2**30)
+                name, list(shape), quant_experts.EXPERT_SCRATCH_BYTES / 2**30)
 
 
 def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

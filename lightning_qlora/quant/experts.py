@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 EXPERT_WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
 # The weight a quantized experts module keeps its logical 3-D shape under (the packed bytes are flat).
 _SHAPE_ATTR = "_qlora_expert_shapes"
+# The most bytes one experts weight is unpacked into at once. Past it the experts are unpacked and multiplied in
+# chunks (DeepSeek-V3's 256 experts: 14 GiB a projection unpacked whole), which needs the group offsets on the host:
+# one synchronization per projection, so smaller weights (Qwen3-30B-A3B's largest: 0.75 GiB) stay sync-free, as CUDA
+# graphs need.
+EXPERT_SCRATCH_BYTES = 2**30
 
 
 def expert_weight_names(module: nn.Module) -> list[str]:
@@ -117,11 +122,12 @@ def expert_weight_range(module: nn.Module, name: str, dtype: torch.dtype, start:
     return functional.dequantize_4bit(packed, chunk).to(dtype)
 
 
-def experts_per_chunk(module: nn.Module, name: str, dtype: torch.dtype, max_bytes: int) -> int:
+def experts_per_chunk(module: nn.Module, name: str, dtype: torch.dtype, max_bytes: int | None = None) -> int:
     """How many experts of packed weight ``name`` to unpack at once so that the unpacked chunk stays within
-    ``max_bytes``: all of them when the whole weight fits, or when it is not packed, or when an expert's matrix does
-    not fill whole blocks (a toy shape: no released MoE has one).
+    ``max_bytes`` (default :data:`EXPERT_SCRATCH_BYTES`): all of them when the whole weight fits, or when it is not
+    packed, or when an expert's matrix does not fill whole blocks (a toy shape: no released MoE has one).
     """
+    max_bytes = EXPERT_SCRATCH_BYTES if max_bytes is None else max_bytes
     experts, rows, columns = expert_shape(module, name)
     state = getattr(module._parameters[name], "quant_state", None)
     per_expert_bytes = rows * columns * dtype.itemsize
