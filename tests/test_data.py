@@ -188,3 +188,33 @@ def test_datamodule_rejects_bad_arguments():
         InstructionDataModule("unused", source="jsonl", max_length=4)
     with pytest.raises(ValueError, match=r"train_on='some' must be 'assistant' or 'all'; max_tokens=64 must be >= max_length=128"):
         InstructionDataModule("unused", max_tokens=64, max_length=128, train_on="some")
+
+
+def test_processes_asking_for_the_jargon_file_at_once_fetch_it_once(tmp_path, monkeypatch):
+    # Two DDP ranks (or test workers) on a fresh machine: one fetches the Debian package, the other waits and reads
+    # its copy (without the lock both fetched, and each one's atomic rename could swap the cache under the other).
+    import threading
+    from pathlib import Path
+
+    from lightning_qlora.app.data import jargon
+
+    fetched = []
+
+    def fetch(target):
+        with jargon.atomic_directory(target) as staging:
+            fetched.append(threading.current_thread().name)
+            threading.Event().wait(0.3)  # the other caller arrives meanwhile
+            (staging / jargon._PACKAGE_FILE).parent.mkdir(parents=True)
+            (staging / jargon._PACKAGE_FILE).write_bytes(b"jargon")
+        return target / jargon._PACKAGE_FILE
+
+    monkeypatch.setattr(jargon, "_PACKAGE_FILE", Path("not/on/this/machine/jargon.txt.gz"))
+    monkeypatch.setattr(jargon, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(jargon, "_fetch_debian_package", fetch)
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(jargon.find_jargon_file())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(fetched) == 1 and len(found) == 2 and len(set(found)) == 1 and found[0].read_bytes() == b"jargon"
