@@ -163,34 +163,31 @@ class _FrozenGroupedLinear(torch.autograd.Function):
 def _frozen_experts_matmul(x: torch.Tensor, offsets: torch.Tensor, module: nn.Module, name: str, flip: bool
                            ) -> torch.Tensor:
     """``x`` row group ``g`` times expert ``g``'s weight (transposed when ``flip``), the weight unpacked whole or, past
-    :data:`EXPERT_SCRATCH_BYTES`, in chunks of experts (never while compiling or capturing a CUDA graph: whole then,
-    logged once).
+    :data:`lightning_qlora.quant.experts.EXPERT_SCRATCH_BYTES`, in chunks of experts (never while compiling or
+    capturing a CUDA graph: whole then, logged once).
     """
-    experts = expert_shape(module, name)[0]
+    shape = expert_shape(module, name)
+    experts = shape[0]
     per_chunk = experts_per_chunk(module, name, x.dtype)
     if per_chunk < experts and _cannot_sync(x):
-        _log_whole_once(name, tuple(expert_shape(module, name)))
+        _log_whole_once(name, tuple(shape))
         per_chunk = experts
     if per_chunk >= experts:
         weight = expert_weight(module, name, x.dtype)
         return _grouped_mm(x, weight.transpose(-2, -1) if flip else weight, offsets)
     ends = offsets.tolist()  # the chunks' row ranges: one host synchronization
     absmax = expert_absmax(module, name)
-    out: torch.Tensor | None = None
+    # Rows past the last offset stay zero, as in grouped_mm's output.
+    out = x.new_zeros(x.shape[0], shape[1] if flip else shape[2])
     for start in range(0, experts, per_chunk):
         end = min(start + per_chunk, experts)
         first, last = (ends[start - 1] if start else 0), ends[end - 1]
         if last <= first:
             continue
         weight = expert_weight_range(module, name, x.dtype, start, end, absmax)
-        weight = weight.transpose(-2, -1) if flip else weight
-        if out is None:
-            out = x.new_zeros(x.shape[0], weight.shape[-1])  # rows past the last offset stay zero, as grouped_mm's
-        out[first:last] = _grouped_mm(x[first:last], weight, offsets[start:end] - first)
+        out[first:last] = _grouped_mm(x[first:last], weight.transpose(-2, -1) if flip else weight,
+                                      offsets[start:end] - first)
         del weight
-    if out is None:
-        shape = expert_shape(module, name)
-        out = x.new_zeros(x.shape[0], shape[1] if flip else shape[2])
     return out
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from lightning_qlora._imports import require
 from lightning_qlora.app.models.pretrained import DEFAULT_MODEL, resolve_pretrained
+from lightning_qlora.config import COMPUTE_DTYPES
 from lightning_qlora.modules import iter_linears, matches_any
 from lightning_qlora.quant.fidelity import (
     FORMATS,
@@ -78,7 +79,7 @@ def perplexities(model_path: str, batches: list[dict[str, torch.Tensor]], blocks
     from lightning_qlora.quant.quantize import quantize_model
 
     results = {}
-    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    compute = COMPUTE_DTYPES[dtype]
     for fmt in (dtype, *FORMATS):
         model = load_causal_lm(model_path).eval()
         if fmt in ("nf4", "nf4-dq", "fp4"):
@@ -126,9 +127,9 @@ def to_markdown(results: dict[str, Any]) -> str:
         "| format | mean abs error | relative error | bits/param (stored) | held-out perplexity |",
         "|---|---|---|---|---|",
     ]
-    reference = results.get("compute_dtype", "bf16")
+    reference = _reference_dtype(results)
     if reference in ppl:
-        bits = 16 if reference == "bf16" else 32
+        bits = 8 * COMPUTE_DTYPES[reference].itemsize
         lines.append(f"| {reference} (reference) | 0 | 0 | {bits} | {ppl[reference]:.3f} |")
     for fmt, row in weights.items():
         p = f"{ppl[fmt]:.3f}" if fmt in ppl else "n/a (not a causal LM)"
@@ -138,6 +139,13 @@ def to_markdown(results: dict[str, Any]) -> str:
     if results.get("note"):
         lines += ["", results["note"]]
     return "\n".join(lines) + "\n"
+
+
+def _reference_dtype(results: dict[str, Any]) -> str:
+    """The unquantized reference's key in ``results["perplexity"]``: its compute dtype (reports before ``--dtype``
+    existed computed in bf16).
+    """
+    return str(results.get("compute_dtype", "bf16"))
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
@@ -157,7 +165,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
         ax.bar(formats, values, color=["tab:blue", "tab:cyan", "tab:orange", "tab:red", "tab:gray"][: len(formats)])
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
-        reference = results.get("compute_dtype", "bf16")
+        reference = _reference_dtype(results)
         if title == "held-out perplexity" and reference in ppl:
             ax.axhline(ppl[reference], color="black", linestyle="--", linewidth=1, label=reference)
             ax.legend()
